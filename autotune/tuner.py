@@ -1,0 +1,180 @@
+"""Config choice for every kernel: one place, interpreter-safe, cached on disk.
+
+Why not `@triton.autotune`: it fails at launch under the interpreter when it has more than one
+config, it keys on arguments we do not want as keys (sequence length must never trigger a
+re-tune or a recompile), and its choices die with the process. Here:
+
+* under ``TRITON_INTERPRET=1`` (or ``SUBQUAD_AUTOTUNE=0``) the first valid config of the space
+  is used, with no timing;
+* on a GPU, the first call for a (kernel, shape bucket) times every valid config of the space
+  with ``triton.testing.do_bench`` on the real launch, drops configs that fail to compile or
+  spill registers, and stores the winner in a JSON file keyed by
+  (GPU name, triton version, kernel, bucket), so a second process does not tune again.
+
+The cache lives in ``$SUBQUAD_CACHE_DIR`` (default ``~/.cache/subquad``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+__all__ = ["Config", "Tuner", "interpreting", "cache_path"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Compile-time block sizes (``kw``) plus launch options of one kernel variant."""
+
+    kw: Dict[str, int] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __hash__(self):
+        return hash((tuple(sorted(self.kw.items())), self.num_warps, self.num_stages))
+
+    def name(self) -> str:
+        parts = [f"{k}{v}" for k, v in sorted(self.kw.items())]
+        return "_".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
+
+    def to_json(self) -> dict:
+        return {"kw": dict(self.kw), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @staticmethod
+    def from_json(d: dict) -> "Config":
+        return Config(dict(d["kw"]), int(d["num_warps"]), int(d["num_stages"]))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tuning_enabled() -> bool:
+    return not interpreting() and os.environ.get("SUBQUAD_AUTOTUNE", "1") not in ("", "0")
+
+
+def cache_path() -> str:
+    root = os.environ.get("SUBQUAD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "subquad")
+    return os.path.join(root, "autotune.json")
+
+
+def _device_tag(device) -> str:
+    import torch
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}|triton-{triton.__version__}"
+
+
+class Tuner:
+    """Chooses one config of ``space`` per shape bucket.
+
+    ``valid(cfg, bucket) -> bool`` filters the space for a bucket (e.g. block sizes larger than
+    the padded head dim are pointless). The space order matters: the first valid config is the
+    default, used whenever no timing is done.
+    """
+
+    _lock = threading.Lock()
+    _disk: Optional[dict] = None  # whole cache file, loaded once per process
+
+    def __init__(self, kernel: str, space: Iterable[Config], valid: Callable[[Config, tuple], bool] = None):
+        self.kernel = kernel
+        self.space: List[Config] = list(space)
+        self.valid = valid or (lambda cfg, bucket: True)
+        self._memo: Dict[tuple, Config] = {}
+
+    def candidates(self, bucket: tuple) -> List[Config]:
+        cands = [c for c in self.space if self.valid(c, bucket)]
+        if not cands:
+            raise RuntimeError(f"subquad: no config of {self.kernel} fits bucket {bucket}")
+        return cands
+
+    def default(self, bucket: tuple) -> Config:
+        return self.candidates(bucket)[0]
+
+    def choose(self, bucket: tuple, device, bench: Callable[[Config], float]) -> Config:
+        """``bench(cfg)`` launches the real call with ``cfg`` and returns a time in ms."""
+        bucket = tuple(bucket)
+        if bucket in self._memo:
+            return self._memo[bucket]
+        if not _tuning_enabled() or getattr(device, "type", "cpu") != "cuda":
+            cfg = self.default(bucket)
+            self._memo[bucket] = cfg
+            return cfg
+        key = f"{_device_tag(device)}|{self.kernel}|{'-'.join(map(str, bucket))}"
+        disk = self._load()
+        if key in disk:
+            cfg = Config.from_json(disk[key]["config"])
+        else:
+            cfg, timings = self._tune(bucket, bench)
+            self._store(key, {"config": cfg.to_json(), "ms": timings})
+        self._memo[bucket] = cfg
+        return cfg
+
+    def _tune(self, bucket, bench):
+        timings = {}
+        best, best_ms = None, float("inf")
+        for cfg in self.candidates(bucket):
+            try:
+                ms = float(bench(cfg))
+            except Exception as exc:  # out of shared memory / registers: not a candidate
+                timings[cfg.name()] = f"failed: {type(exc).__name__}"
+                continue
+            timings[cfg.name()] = ms
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"subquad: every config of {self.kernel} failed for bucket {bucket}: {timings}")
+        return best, timings
+
+    @classmethod
+    def _load(cls) -> dict:
+        with cls._lock:
+            if cls._disk is None:
+                try:
+                    with open(cache_path()) as f:
+                        cls._disk = json.load(f)
+                except (OSError, ValueError):
+                    cls._disk = {}
+            return cls._disk
+
+    @classmethod
+    def _store(cls, key: str, entry: dict) -> None:
+        with cls._lock:
+            path = cache_path()
+            try:
+                with open(path) as f:
+                    disk = json.load(f)  # merge with what other processes wrote meanwhile
+            except (OSError, ValueError):
+                disk = {}
+            disk.update(cls._disk or {})
+            disk[key] = entry
+            cls._disk = disk
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(disk, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)  # atomic: readers never see half a file
+            except OSError:
+                pass  # a read-only home only costs re-tuning in the next process
+
+    @classmethod
+    def forget_memory(cls) -> None:
+        """Drop the in-process copy of the disk cache (tests use this to simulate a new process)."""
+        with cls._lock:
+            cls._disk = None
+
+
+def bench_launch(launch: Callable[[], None]) -> float:
+    """Median ms of ``launch`` with CUDA events; a config that spills registers is rejected."""
+    from triton.testing import do_bench
+
+    compiled = launch()
+    if compiled is not None and getattr(compiled, "n_spills", 0):
+        raise RuntimeError("register spills")
+    return do_bench(launch, warmup=5, rep=20, return_mode="median")

@@ -1,0 +1,445 @@
+"""Lightning attention (causal linear attention with per-head decay) in Triton.
+
+Math: see ``subquad.reference.lightning``. Tiling (Lightning Attention-2): a sequence is cut
+into chunks of BT tokens; within a chunk the masked quadratic form with the decay mask
+D[i, j] = lambda^(i-j) (i >= j) runs on tensor cores, across chunks an fp32 state S [K, V]
+carries everything before. Every exponent of lambda is non-negative, so no decay overflows.
+
+Decomposition: single-sweep kernels. One program per (sequence, head, V block) walks its
+sequence chunk by chunk, keeping S in registers, so the state never touches memory
+(a chunk-parallel split would write a [K, V] fp32 state per chunk: more bytes than q, k, v).
+Backward: two sweeps, ``dq`` forward in time (recomputing S) and ``dk, dv, dS0`` backward in
+time (carrying dS = dLoss/dS). dq and dk sum over V, which is split across programs: each V
+block writes an fp32 partial, summed afterwards (NV is 1 or 2 for V <= 128).
+
+Counts per token and head (K = V = D, chunk C), useful FLOPs:
+  forward   2CD (q k^T, half masked) + 2CD (P v) + 2D^2 (q S) + 2D^2 (S update)
+  backward  dq sweep: 2CD (dO v^T) + 2CD (dP k) + 2D^2 (dO S^T) + 2D^2 (S)
+            dkdv sweep: 4 x 2CD (k q^T, A dO, v dO^T, dP^T q) + 3 x 2D^2 (k dS, v dS^T, dS update)
+Bytes per token and head (bf16): forward reads q, k, v and writes o: 2(2K + 2V) = 8D;
+backward reads q, k, v, dO, writes dq, dk (fp32 partials x NV) and dv.
+
+Decoding (short sequences, e.g. T == 1 with a state) uses ``_recurrent_fwd_kernel``: a token
+loop of rank-1 updates on the register-resident state, no padding to a chunk of tokens.
+
+Precision: fp32 inputs use IEEE fp32 dots. fp16/bf16 operands go to tensor cores with fp32
+accumulation; the state enters its products as fp32 (tf32 dots) for fp16, whose range it can
+exceed, and as bf16 for bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import bench_launch, spaces
+
+__all__ = ["LightningAttentionFunction", "lightning_fwd", "lightning_bwd", "RECURRENT_MAX_T"]
+
+# Sequences up to this length take the token-recurrent forward (decoding).
+RECURRENT_MAX_T = 16
+
+
+@triton.jit
+def _seq_bounds(CU, i_n, T, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(CU + i_n).to(tl.int64)
+        eos = tl.load(CU + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def _chunk_decays(s, n, BT: tl.constexpr, HAS_DECAY: tl.constexpr):
+    """For a chunk of n valid tokens: the causal decay mask D[i, j] = lambda^(i-j) (i >= j),
+    q-side lambda^(i+1), k-side lambda^(n-1-j) (0 past n) and the whole-chunk lambda^n."""
+    i = tl.arange(0, BT)
+    diff = i[:, None] - i[None, :]
+    if HAS_DECAY:
+        dmask = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+        qdec = tl.exp(-s * (i + 1).to(tl.float32))
+        kdec = tl.where(i < n, tl.exp(-s * tl.maximum(n - 1 - i, 0).to(tl.float32)), 0.0)
+        cdec = tl.exp(-s * n.to(tl.float32))
+    else:
+        dmask = tl.where(diff >= 0, 1.0, 0.0)
+        qdec = tl.full([BT], 1.0, tl.float32)
+        kdec = tl.where(i < n, 1.0, 0.0)
+        cdec = s * 0.0 + 1.0
+    return dmask, qdec, kdec, cdec
+
+
+@triton.jit(do_not_specialize=["T"])
+def _fwd_kernel(
+    Q, Kt, Vt, O, DECAY, S0, ST, CU, T, H, scale,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STATE_DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    s = 0.0
+    if HAS_DECAY:
+        s = tl.load(DECAY + i_h).to(tl.float32)
+    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
+    if HAS_S0:
+        b_S = tl.load(S0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    else:
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    q_base = Q + (bos * H + i_h) * K
+    k_base = Kt + (bos * H + i_h) * K
+    v_base = Vt + (bos * H + i_h) * V
+    o_base = O + (bos * H + i_h) * V
+    for i_t in range(0, tl.cdiv(L, BT)):
+        ot = i_t * BT + tl.arange(0, BT)
+        mt = ot < L
+        ot64 = ot.to(tl.int64)
+        n = tl.minimum(L - i_t * BT, BT)
+        b_q = tl.load(q_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        dmask, qdec, kdec, cdec = _chunk_decays(s, n, BT, HAS_DECAY)
+        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * dmask
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
+        b_o += tl.dot(b_q.to(STATE_DT), b_S.to(STATE_DT), input_precision=PREC) * qdec[:, None]
+        tl.store(o_base + ot64[:, None] * (H * V) + ov[None, :], (b_o * scale).to(O.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        b_kw = (b_k * kdec[:, None]).to(b_k.dtype)
+        b_S = b_S * cdec + tl.dot(tl.trans(b_kw), b_v, input_precision=PREC)
+    if STORE_ST:
+        tl.store(ST + s_off, b_S, mask=mk[:, None] & mv[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _recurrent_fwd_kernel(
+    Q, Kt, Vt, O, DECAY, S0, ST, CU, T, H, scale,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    lam = 1.0
+    if HAS_DECAY:
+        lam = tl.exp(-tl.load(DECAY + i_h).to(tl.float32))
+    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
+    if HAS_S0:
+        b_S = tl.load(S0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    else:
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    for t in range(0, L):
+        row = bos + t
+        b_q = tl.load(Q + (row * H + i_h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_k = tl.load(Kt + (row * H + i_h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        b_v = tl.load(Vt + (row * H + i_h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        b_S = b_S * lam + b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_S * b_q[:, None], axis=0) * scale
+        tl.store(O + (row * H + i_h) * V + ov, b_o.to(O.dtype.element_ty), mask=mv)
+    if STORE_ST:
+        tl.store(ST + s_off, b_S, mask=mk[:, None] & mv[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_dq_kernel(
+    Kt, Vt, DO, DQ, DECAY, S0, CU, T, B, H, scale,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STATE_DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq_i = scale (sum_{j<=i} D_ij (dO_i . v_j) k_j + lambda^(i+1) S dO_i), S recomputed forward.
+    Writes this V block's fp32 partial into DQ[i_v]."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    s = 0.0
+    if HAS_DECAY:
+        s = tl.load(DECAY + i_h).to(tl.float32)
+    if HAS_S0:
+        s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
+        b_S = tl.load(S0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    else:
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    k_base = Kt + (bos * H + i_h) * K
+    v_base = Vt + (bos * H + i_h) * V
+    do_base = DO + (bos * H + i_h) * V
+    dq_base = DQ + i_v.to(tl.int64) * B * T * H * K + (bos * H + i_h) * K
+    for i_t in range(0, tl.cdiv(L, BT)):
+        ot = i_t * BT + tl.arange(0, BT)
+        mt = ot < L
+        ot64 = ot.to(tl.int64)
+        n = tl.minimum(L - i_t * BT, BT)
+        b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        b_do = tl.load(do_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        dmask, qdec, kdec, cdec = _chunk_decays(s, n, BT, HAS_DECAY)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) * dmask
+        b_dq = tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dq += tl.dot(b_do.to(STATE_DT), tl.trans(b_S.to(STATE_DT)), input_precision=PREC) * qdec[:, None]
+        tl.store(dq_base + ot64[:, None] * (H * K) + ok[None, :], b_dq * scale, mask=mt[:, None] & mk[None, :])
+        b_kw = (b_k * kdec[:, None]).to(b_k.dtype)
+        b_S = b_S * cdec + tl.dot(tl.trans(b_kw), b_v, input_precision=PREC)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_dkdv_kernel(
+    Q, Kt, Vt, DO, DK, DV, DECAY, DST, DS0, CU, T, B, H, scale,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STATE_DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward in time, carrying dS = dLoss/dS (the state entering the current chunk's successor):
+    dk_j = scale sum_{i>=j} D_ij (dO_i . v_j) q_i + lambda^(n-1-j) dS v_j   (fp32 partial of this V block)
+    dv_j = scale sum_{i>=j} D_ij (q_i . k_j) dO_i + lambda^(n-1-j) dS^T k_j
+    dS  <- lambda^n dS + scale sum_i lambda^(i+1) q_i dO_i^T;  after the first chunk, dS = dS0."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    s = 0.0
+    if HAS_DECAY:
+        s = tl.load(DECAY + i_h).to(tl.float32)
+    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
+    if HAS_DST:
+        b_dS = tl.load(DST + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    else:
+        b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    q_base = Q + (bos * H + i_h) * K
+    k_base = Kt + (bos * H + i_h) * K
+    v_base = Vt + (bos * H + i_h) * V
+    do_base = DO + (bos * H + i_h) * V
+    dk_base = DK + i_v.to(tl.int64) * B * T * H * K + (bos * H + i_h) * K
+    dv_base = DV + (bos * H + i_h) * V
+    NT = tl.cdiv(L, BT)
+    for j in range(0, NT):
+        i_t = NT - 1 - j
+        ot = i_t * BT + tl.arange(0, BT)
+        mt = ot < L
+        ot64 = ot.to(tl.int64)
+        n = tl.minimum(L - i_t * BT, BT)
+        b_q = tl.load(q_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        b_do = tl.load(do_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        dmask, qdec, kdec, cdec = _chunk_decays(s, n, BT, HAS_DECAY)
+        dmask_t = tl.trans(dmask)  # [j, i]
+        b_at = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * dmask_t
+        b_dv = tl.dot(b_at.to(b_do.dtype), b_do, input_precision=PREC) * scale
+        b_dv += tl.dot(b_k.to(STATE_DT), b_dS.to(STATE_DT), input_precision=PREC) * kdec[:, None]
+        tl.store(dv_base + ot64[:, None] * (H * V) + ov[None, :], b_dv.to(DV.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC) * dmask_t
+        b_dk = tl.dot(b_dpt.to(b_q.dtype), b_q, input_precision=PREC) * scale
+        b_dk += tl.dot(b_v.to(STATE_DT), tl.trans(b_dS.to(STATE_DT)), input_precision=PREC) * kdec[:, None]
+        tl.store(dk_base + ot64[:, None] * (H * K) + ok[None, :], b_dk, mask=mt[:, None] & mk[None, :])
+        b_qw = (b_q * (qdec * scale)[:, None]).to(b_q.dtype)
+        b_dS = b_dS * cdec + tl.dot(tl.trans(b_qw), b_do, input_precision=PREC)
+    if STORE_DS0:
+        tl.store(DS0 + s_off, b_dS, mask=mk[:, None] & mv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _precision(dtype):
+    """(state operand dtype, dot input precision) for an input dtype; see the module docstring."""
+    if dtype == torch.float32:
+        return tl.float32, "ieee"
+    if dtype == torch.float16:
+        return tl.float32, "tf32"
+    return tl.bfloat16, "tf32"
+
+
+def _geometry(q, v, cu_seqlens):
+    """(N programs along sequences, length argument T, batch rows B) for the kernels."""
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    return N, T, B, H, K, v.shape[-1]
+
+
+def _max_len(T, cu_seqlens) -> int:
+    if cu_seqlens is None:
+        return T
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def _bucket(q, K, V, decay):
+    return (str(q.dtype).replace("torch.", ""), int(K), int(V), decay is not None)
+
+
+def _dummy(t):
+    return t.new_empty(1)
+
+
+def lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
+    """Forward launch. Inputs contiguous and validated. Returns (o, final state fp32 or None)."""
+    N, T, B, H, K, V = _geometry(q, v, cu_seqlens)
+    o = torch.empty(q.shape[:-1] + (V,), dtype=v.dtype, device=q.device)
+    final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    cu = cu_seqlens if cu_seqlens is not None else _dummy(q).int()
+    common = dict(
+        HAS_DECAY=decay is not None, HAS_S0=initial_state is not None, STORE_ST=final is not None,
+        IS_VARLEN=cu_seqlens is not None,
+    )
+    args = (q, k, v, o, decay if decay is not None else _dummy(q).float(),
+            initial_state if initial_state is not None else _dummy(q).float(),
+            final if final is not None else _dummy(q).float(), cu, T, H, scale)
+    bucket = _bucket(q, K, V, decay)
+    BK = _pow2(K)
+    if _max_len(T, cu_seqlens) <= RECURRENT_MAX_T:
+        tuner, kernel, extra = spaces.LIGHTNING_RECURRENT, _recurrent_fwd_kernel, {}
+    else:
+        sdt, prec = _precision(q.dtype)
+        tuner, kernel, extra = spaces.LIGHTNING_FWD, _fwd_kernel, dict(STATE_DT=sdt, PREC=prec)
+
+    def launch(cfg):
+        BV = min(cfg.kw["BV"], _pow2(V))
+        grid = (triton.cdiv(V, BV), N * H)
+        kw = {k_: v_ for k_, v_ in cfg.kw.items() if k_ != "BV"}
+        return kernel[grid](*args, K=K, V=V, BK=BK, BV=BV, **kw, **common, **extra,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = tuner.choose(bucket, q.device, lambda c: bench_launch(lambda: launch(c)))
+    launch(cfg)
+    return o, final
+
+
+def lightning_bwd(q, k, v, decay, scale, initial_state, cu_seqlens, do, dfinal, need_ds0):
+    """Backward launches. Returns (dq, dk, dv, d initial_state or None)."""
+    N, T, B, H, K, V = _geometry(q, v, cu_seqlens)
+    sdt, prec = _precision(q.dtype)
+    BK = _pow2(K)
+    bucket = _bucket(q, K, V, decay)
+    cu = cu_seqlens if cu_seqlens is not None else _dummy(q).int()
+    fdummy = _dummy(q).float()
+    decay_arg = decay if decay is not None else fdummy
+    common = dict(IS_VARLEN=cu_seqlens is not None, HAS_DECAY=decay is not None, STATE_DT=sdt, PREC=prec)
+
+    def grid_and_bv(cfg):
+        BV = min(cfg.kw["BV"], _pow2(V))
+        return (triton.cdiv(V, BV), N * H), BV
+
+    # dq: fp32 partials per V block, summed afterwards.
+    def launch_dq(cfg, out):
+        grid, BV = grid_and_bv(cfg)
+        return _bwd_dq_kernel[grid](
+            k, v, do, out, decay_arg, initial_state if initial_state is not None else fdummy, cu,
+            T, B, H, scale, K=K, V=V, BT=cfg.kw["BT"], BK=BK, BV=BV,
+            HAS_S0=initial_state is not None, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def partials(cfg):
+        return torch.empty((grid_and_bv(cfg)[0][0],) + q.shape, dtype=torch.float32, device=q.device)
+
+    cfg = spaces.LIGHTNING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c, partials(c))))
+    dq_part = partials(cfg)
+    launch_dq(cfg, dq_part)
+
+    dv = torch.empty_like(v)
+    ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if need_ds0 else None
+
+    def launch_dkdv(cfg, out):
+        grid, BV = grid_and_bv(cfg)
+        return _bwd_dkdv_kernel[grid](
+            q, k, v, do, out, dv, decay_arg, dfinal if dfinal is not None else fdummy,
+            ds0 if ds0 is not None else fdummy, cu, T, B, H, scale,
+            K=K, V=V, BT=cfg.kw["BT"], BK=BK, BV=BV, HAS_DST=dfinal is not None, STORE_DS0=ds0 is not None,
+            **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = spaces.LIGHTNING_BWD_DKDV.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c, partials(c))))
+    dk_part = partials(cfg)
+    launch_dkdv(cfg, dk_part)
+    dq = dq_part.sum(0) if dq_part.shape[0] > 1 else dq_part[0]
+    dk = dk_part.sum(0) if dk_part.shape[0] > 1 else dk_part[0]
+    return dq.to(q.dtype), dk.to(k.dtype), dv, ds0
+
+
+class LightningAttentionFunction(torch.autograd.Function):
+    """(q, k, v, decay, initial_state, cu_seqlens, scale, output_final_state) -> (o, final_state).
+
+    Inputs must already be validated and contiguous (``subquad.lightning_attention`` does it).
+    decay and cu_seqlens are not differentiable; final_state is None unless requested.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, scale, output_final_state):
+        o, final = lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens)
+        ctx.scale = scale
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, decay, initial_state, cu_seqlens = ctx.saved_tensors
+        need_ds0 = initial_state is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, ds0 = lightning_bwd(
+            q, k, v, decay, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
+            None if dfinal is None else dfinal.contiguous().float(), need_ds0)
+        return dq, dk, dv, None, ds0, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# static compile check (python -m subquad.autotune check)
+
+
+def compile_specs(dtype: str, K: int, V: int):
+    """What the static compile check builds: one entry per kernel, for inputs of ``dtype``
+    ("float16" / "bfloat16" / "float32") and head dims K, V, with decay, states and varlen on.
+
+    Yields (tuner, jit function, signature {arg: type}, constexprs(cfg) -> {arg: value}).
+    """
+    tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    sdt, prec = _precision(getattr(torch, dtype))
+    x, f32, i32 = f"*{tdt}", "*fp32", "*i32"
+    BK = _pow2(K)
+
+    def bv(cfg):
+        return min(cfg.kw["BV"], _pow2(V))
+
+    flags = dict(HAS_DECAY=True, IS_VARLEN=True)
+    fwd_sig = dict(Q=x, Kt=x, Vt=x, O=x, DECAY=f32, S0=f32, ST=f32, CU=i32, T="i32", H="i32", scale="fp32")
+    yield (spaces.LIGHTNING_FWD, _fwd_kernel, fwd_sig,
+           lambda c: dict(K=K, V=V, BT=c.kw["BT"], BK=BK, BV=bv(c), HAS_S0=True, STORE_ST=True,
+                          STATE_DT=sdt, PREC=prec, **flags))
+    yield (spaces.LIGHTNING_RECURRENT, _recurrent_fwd_kernel, fwd_sig,
+           lambda c: dict(K=K, V=V, BK=BK, BV=bv(c), HAS_S0=True, STORE_ST=True, **flags))
+    yield (spaces.LIGHTNING_BWD_DQ, _bwd_dq_kernel,
+           dict(Kt=x, Vt=x, DO=x, DQ=f32, DECAY=f32, S0=f32, CU=i32, T="i32", B="i32", H="i32", scale="fp32"),
+           lambda c: dict(K=K, V=V, BT=c.kw["BT"], BK=BK, BV=bv(c), HAS_S0=True, STATE_DT=sdt, PREC=prec, **flags))
+    yield (spaces.LIGHTNING_BWD_DKDV, _bwd_dkdv_kernel,
+           dict(Q=x, Kt=x, Vt=x, DO=x, DK=f32, DV=x, DECAY=f32, DST=f32, DS0=f32, CU=i32, T="i32", B="i32",
+                H="i32", scale="fp32"),
+           lambda c: dict(K=K, V=V, BT=c.kw["BT"], BK=BK, BV=bv(c), HAS_DST=True, STORE_DS0=True,
+                          STATE_DT=sdt, PREC=prec, **flags))

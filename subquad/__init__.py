@@ -1,0 +1,11 @@
+"""subquad: Triton kernels for sub-quadratic attention, each beside a PyTorch reference.
+
+Families: lightning (linear) attention. Every op takes ``backend="auto" | "triton" |
+"reference"``; auto runs Triton on CUDA tensors and the reference on CPU tensors.
+Importing subquad initialises no GPU and compiles nothing.
+"""
+
+from .lightning import lightning_attention, lightning_slopes
+
+__version__ = "0.1.0"
+__all__ = ["lightning_attention", "lightning_slopes"]

@@ -1,0 +1,66 @@
+"""Input checks and backend dispatch shared by every family.
+
+Every check raises before any kernel runs or any output is allocated, with a message that
+names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "reference")
+
+
+def check_tensor(name: str, x, rank: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    if rank is not None and x.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dims, got {x.dim()} (shape {tuple(x.shape)})")
+    return x
+
+
+def check_same(ref_name: str, ref: torch.Tensor, **others):
+    """Same dtype and device as ``ref`` for every tensor in ``others``."""
+    for name, x in others.items():
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def check_dim(name: str, value: int, lo: int, hi: int, what: str):
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: {what} must be in [{lo}, {hi}] for the Triton backend, got {value}")
+
+
+def check_scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not scale == scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """'auto' -> Triton for CUDA tensors, the reference otherwise. 'triton' on CPU tensors runs only
+    under TRITON_INTERPRET=1."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "reference"
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got tensors on {x.device}; set TRITON_INTERPRET=1 "
+            "before importing subquad to run the kernels on CPU through the interpreter, or use "
+            "backend='reference'")
+    return backend

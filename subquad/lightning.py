@@ -1,0 +1,136 @@
+"""Public lightning attention op: input checks, backend dispatch."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import check_dim, check_same, check_scale, check_tensor, resolve_backend
+from .reference import lightning as _ref
+
+__all__ = ["lightning_attention", "lightning_slopes"]
+
+lightning_slopes = _ref.lightning_slopes
+
+
+def _check_cu_seqlens(cu_seqlens, B: int, T: int):
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens requires batch size B == 1 (sequences packed along T), got B={B}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if any(b < a for a, b in zip(cu[:-1], cu[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T={T}, got {cu[-1]}")
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal linear attention with per-head exponential decay (Lightning Attention-2).
+
+    For each head h with lambda_h = exp(-decay[h]) (1 when decay is None)::
+
+        o_t = scale * sum_{u<=t} lambda^(t-u) (q_t . k_u) v_u  +  scale * lambda^(t+1) q_t S_0
+        S_T = sum_u lambda^(T-1-u) k_u v_u^T  +  lambda^T S_0        (the final state)
+
+    i.e. the recurrence ``S_t = lambda S_{t-1} + k_t v_t^T, o_t = scale q_t S_t``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. Same dtype (float32, float16, bfloat16) and
+            device. K and V may differ; the Triton backend takes 16 <= K, V <= 256.
+        decay: ``None`` (no decay) or a float tensor ``[H]`` of rates ``s_h >= 0``. Not
+            differentiable (an error is raised if it requires grad); see ``lightning_slopes``.
+        scale: defaults to ``K ** -0.5``; pass 1.0 for the original lightning code's convention.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens),
+            any float dtype, used in fp32. Differentiable.
+        output_final_state: also return the final state ``[N, H, K, V]`` (fp32, differentiable).
+        cu_seqlens: int tensor ``[N+1]`` of packed sequence boundaries (B must be 1): each sequence
+            starts from its own initial state and gets its own final state.
+        backend: "auto" (Triton for CUDA tensors, reference for CPU), "triton", "reference".
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state as above, or None.
+
+    A sequence length up to 16 (e.g. T == 1 decoding with a state) runs a token-recurrent kernel
+    with no padding to a chunk. Gradients flow to q, k, v, initial_state, and through
+    final_state when it is used in the loss.
+    """
+    check_tensor("q", q, rank=4)
+    check_tensor("k", k, rank=4)
+    check_tensor("v", v, rank=4)
+    check_same("q", q, k=k, v=v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape:
+        if k.shape[:3] != q.shape[:3]:
+            raise ValueError(f"k must have q's [B, T, H] = {tuple(q.shape[:3])}, got {tuple(k.shape[:3])}")
+        raise ValueError(f"k must have q's head dim K={K}, got {k.shape[-1]}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have q's [B, T, H] = {tuple(q.shape[:3])}, got {tuple(v.shape[:3])}")
+    if K < 1 or V < 1:
+        raise ValueError(f"head dims must be positive, got K={K}, V={V}")
+    scale = check_scale(scale)
+    scale = K ** -0.5 if scale is None else scale
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if decay is not None:
+        check_tensor("decay", decay, rank=1, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if decay.shape[0] != H:
+            raise ValueError(f"decay must have shape [H] = [{H}], got {tuple(decay.shape)}")
+        if decay.requires_grad:
+            raise ValueError("decay must not require grad: the decay rates are not learnable in this op "
+                             "(pass decay.detach())")
+        if decay.device != q.device:
+            raise ValueError(f"decay must be on q's device ({q.device}), got {decay.device}")
+        if not bool(torch.isfinite(decay).all()) or bool((decay < 0).any()):
+            raise ValueError(f"decay rates must be finite and >= 0, got {decay.tolist()}")
+    N = B
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, B, T)
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, rank=4, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, got {tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
+    backend = resolve_backend(backend, q)
+    if backend == "triton":
+        check_dim("q", K, 16, 256, "head dim K")
+        check_dim("v", V, 16, 256, "head dim V")
+
+    s0 = None if initial_state is None else initial_state.float()
+    dec = None if decay is None else decay.float()
+    if T == 0:
+        o = v.new_empty(B, 0, H, V)
+        if not output_final_state:
+            return o, None
+        final = s0 * 1.0 if s0 is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
+        return o, final
+    if backend == "reference":
+        return _ref.lightning_attention(q, k, v, dec, scale, s0, output_final_state, cu_seqlens)
+
+    from .kernels.lightning import LightningAttentionFunction
+
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return LightningAttentionFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), None if dec is None else dec.contiguous(),
+        None if s0 is None else s0.contiguous(), cu, scale, output_final_state)
