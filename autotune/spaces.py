@@ -9,7 +9,8 @@ check``). Buckets never contain the sequence length.
 from .tuner import Config, Tuner
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """Padded block size of a dimension: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
@@ -18,13 +19,11 @@ def _c(num_warps=4, num_stages=2, **kw) -> Config:
 
 
 def _state_fits(cfg: Config, bucket: tuple, per_thread: int) -> bool:
-    """The fp32 state tile BK x BV lives in registers: keep it to ``per_thread`` floats a thread,
-    and do not offer a V block wider than the padded V (it would only duplicate a smaller one)."""
+    """The fp32 state tile BK x BV lives in registers: keep it to ``per_thread`` floats a thread.
+    BV is clamped to the padded V by the launchers, so the clamped width is what counts."""
     _, K, V = bucket[:3]
-    bv = cfg.kw["BV"]
-    if bv > _pow2(V):
-        return False
-    return _pow2(K) * bv <= per_thread * 32 * cfg.num_warps
+    bv = min(cfg.kw["BV"], pow2(V))
+    return pow2(K) * bv <= per_thread * 32 * cfg.num_warps
 
 
 # Lightning attention; bucket = (dtype name, K, V, has_decay).

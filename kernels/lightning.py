@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
+from .common import empty, pow2 as _pow2
 
 __all__ = ["LightningAttentionFunction", "lightning_fwd", "lightning_bwd", "RECURRENT_MAX_T"]
 
@@ -267,10 +268,6 @@ def _bwd_dkdv_kernel(
 # launchers
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
-
-
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -307,8 +304,8 @@ def _dummy(t):
 def lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
     """Forward launch. Inputs contiguous and validated. Returns (o, final state fp32 or None)."""
     N, T, B, H, K, V = _geometry(q, v, cu_seqlens)
-    o = torch.empty(q.shape[:-1] + (V,), dtype=v.dtype, device=q.device)
-    final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    o = empty(q.shape[:-1] + (V,), v.dtype, q.device)
+    final = empty((N, H, K, V), torch.float32, q.device) if output_final_state else None
     cu = cu_seqlens if cu_seqlens is not None else _dummy(q).int()
     common = dict(
         HAS_DECAY=decay is not None, HAS_S0=initial_state is not None, STORE_ST=final is not None,
@@ -361,14 +358,14 @@ def lightning_bwd(q, k, v, decay, scale, initial_state, cu_seqlens, do, dfinal, 
             HAS_S0=initial_state is not None, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def partials(cfg):
-        return torch.empty((grid_and_bv(cfg)[0][0],) + q.shape, dtype=torch.float32, device=q.device)
+        return empty((grid_and_bv(cfg)[0][0],) + q.shape, torch.float32, q.device)
 
     cfg = spaces.LIGHTNING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c, partials(c))))
     dq_part = partials(cfg)
     launch_dq(cfg, dq_part)
 
-    dv = torch.empty_like(v)
-    ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if need_ds0 else None
+    dv = empty(v.shape, v.dtype, v.device)
+    ds0 = empty((N, H, K, V), torch.float32, q.device) if need_ds0 else None
 
     def launch_dkdv(cfg, out):
         grid, BV = grid_and_bv(cfg)

@@ -1,0 +1,36 @@
+"""Shared test machinery: device, dtypes, the tolerance rule, random inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import HAS_CUDA
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# bf16 tl.dot is garbage under the interpreter: bf16 runs on a GPU only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+# Absolute slack of the rule, relative to the reference's magnitude: covers the reference's own
+# error being ~0 on trivially exact elements.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, factor: float = 2.0):
+    """The flash-attention rule: the kernel's max error against the float64 reference is at most
+    ``factor`` times the error of the same reference computed in the kernel's dtype, plus a small
+    atol scaled by the reference's magnitude. NaN (e.g. an unwritten poisoned element) fails."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    out64 = out.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    assert torch.isfinite(out64).all(), f"{name}: {int((~torch.isfinite(out64)).sum())} non-finite elements"
+    err = (out64 - ref64).abs().max().item() if out64.numel() else 0.0
+    ref_err = (ref_lowp.detach().double().cpu() - ref64).abs().max().item() if out64.numel() else 0.0
+    mag = max(1.0, ref64.abs().max().item()) if out64.numel() else 1.0
+    bound = factor * ref_err + ATOL[out.dtype if out.dtype in ATOL else torch.float32] * mag
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (reference in {out.dtype}: {ref_err:.3e})"
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+    return x.requires_grad_(requires_grad)

@@ -1,0 +1,240 @@
+"""Lightning attention: reference vs the naive definition, kernel vs reference (forward and every
+gradient), decoding, varlen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subquad
+from subquad.reference.lightning import lightning_attention as ref_chunked
+from subquad.reference.lightning import lightning_attention_naive
+
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _inputs(B, T, H, K, V, dtype, decay, state, N=None, seed=0):
+    q = randn(B, T, H, K, dtype=dtype, seed=seed, requires_grad=True)
+    k = randn(B, T, H, K, dtype=dtype, seed=seed + 1, requires_grad=True)
+    v = randn(B, T, H, V, dtype=dtype, seed=seed + 2, requires_grad=True)
+    d = None
+    if decay:  # strong and weak decays across heads, including rates whose lambda^64 underflows
+        d = (subquad.lightning_slopes(H) * torch.linspace(0.5, 8.0, H)).to(DEVICE)
+    s0 = randn(N or B, H, K, V, seed=seed + 3, requires_grad=True) if state else None
+    return q, k, v, d, s0
+
+
+def _run(fn, q, k, v, d, s0, cu, do, dS):
+    """Forward + backward of ``fn`` on fresh leaves; returns (o, final, grads of q, k, v, s0)."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    s0l = None if s0 is None else s0.detach().clone().requires_grad_()
+    o, f = fn(*leaves, d, s0l, cu)
+    loss = (o.double() * do.double()).sum()
+    if dS is not None:
+        loss = loss + (f.double() * dS.double()).sum()
+    grads = torch.autograd.grad(loss, leaves + ([s0l] if s0l is not None else []))
+    return o, f, grads
+
+
+def _check(q, k, v, d, s0, cu=None, final=True, backend="triton"):
+    kern = lambda q_, k_, v_, d_, s_, cu_: subquad.lightning_attention(  # noqa: E731
+        q_, k_, v_, d_, initial_state=s_, output_final_state=final, cu_seqlens=cu_, backend=backend)
+    lowp = lambda q_, k_, v_, d_, s_, cu_: subquad.lightning_attention(  # noqa: E731
+        q_, k_, v_, d_, initial_state=s_, output_final_state=final, cu_seqlens=cu_, backend="reference")
+    naive = lambda q_, k_, v_, d_, s_, cu_: lightning_attention_naive(q_, k_, v_, d_, None, s_, cu_)  # noqa: E731
+    o, f = kern(q, k, v, d, s0, cu)
+    do = torch.randn_like(o, dtype=torch.float32)
+    dS = torch.randn_like(f) if final else None
+    runs = [_run(fn, q, k, v, d, s0, cu, do, dS) for fn in (kern, lowp)]
+    o64, f64, g64 = _run(naive, *(x if x is None else x for x in (q, k, v)), d, s0, cu, do, dS)
+    (ok, fk, gk), (ol, fl, gl) = runs
+    assert_close("o", ok, o64, ol)
+    assert ok.dtype == v.dtype
+    if final:
+        assert fk.dtype == torch.float32
+        assert_close("final_state", fk, f64, fl)
+    else:
+        assert fk is None
+    for name, a, b, c in zip(["dq", "dk", "dv", "d_initial_state"], gk, g64, gl):
+        assert_close(name, a, b, c)
+
+
+# (B, T, H, K, V): odd lengths, partial chunks, non-power-of-two head dims, T=1 and T <= 16
+# (token-recurrent forward) and T > 64 (several chunks).
+SHAPES = [
+    (1, 1, 2, 16, 16),
+    (2, 7, 3, 16, 24),
+    (1, 16, 1, 32, 16),
+    (2, 17, 2, 16, 32),
+    (1, 77, 2, 24, 40),
+    (1, 131, 1, 16, 16),
+]
+
+
+def _sid(s):
+    return "B{}-T{}-H{}-K{}-V{}".format(*s)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+@pytest.mark.parametrize("decay,state", [(True, True), (False, False), (True, False), (False, True)],
+                         ids=["decay-state", "plain", "decay", "state"])
+def test_kernel_matches_reference(shape, dtype, decay, state):
+    q, k, v, d, s0 = _inputs(*shape, dtype, decay, state)
+    _check(q, k, v, d, s0)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+def test_kernel_without_final_state(dtype):
+    q, k, v, d, s0 = _inputs(2, 70, 2, 16, 16, dtype, True, True)
+    _check(q, k, v, d, s0, final=False)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("lens", [[1, 16, 0, 73, 40], [5, 3, 1], [130]], ids=lambda l: "L" + "-".join(map(str, l)))
+def test_kernel_varlen(lens, dtype):
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v, d, s0 = _inputs(1, T, 2, 16, 32, dtype, True, True, N=len(lens))
+    _check(q, k, v, d, s0, cu=cu.to(DEVICE))
+
+
+def test_varlen_equals_separate_calls():
+    """Each packed sequence gets exactly what a separate call with its own state gives."""
+    lens = [9, 70, 24]
+    cu = torch.tensor([0, 9, 79, 103], dtype=torch.int64, device=DEVICE)
+    q, k, v, d, s0 = _inputs(1, 103, 2, 16, 16, torch.float32, True, True, N=3)
+    o, f = subquad.lightning_attention(q, k, v, d, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                                       backend="triton")
+    start = 0
+    for n, L in enumerate(lens):
+        sl = slice(start, start + L)
+        o_n, f_n = subquad.lightning_attention(q[:, sl], k[:, sl], v[:, sl], d, initial_state=s0[n:n + 1],
+                                               output_final_state=True, backend="triton")
+        torch.testing.assert_close(o[:, sl], o_n, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(f[n:n + 1], f_n, rtol=1e-5, atol=1e-5)
+        start += L
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+def test_decoding_step_continues_prefill(dtype):
+    """Prefill T tokens, then decode one token at a time from the returned state: the outputs equal
+    one call over the whole sequence (the T == 1 step runs the recurrent kernel)."""
+    q, k, v, d, _ = _inputs(2, 40, 2, 32, 32, dtype, True, False)
+    o_all, f_all = subquad.lightning_attention(q, k, v, d, output_final_state=True, backend="triton")
+    o_pre, state = subquad.lightning_attention(q[:, :37], k[:, :37], v[:, :37], d, output_final_state=True,
+                                               backend="triton")
+    outs = [o_pre]
+    for t in range(37, 40):
+        o_t, state = subquad.lightning_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], d,
+                                                 initial_state=state, output_final_state=True, backend="triton")
+        outs.append(o_t)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(torch.cat(outs, 1).float(), o_all.float(), **tol)
+    torch.testing.assert_close(state, f_all, **tol)
+
+
+def test_empty_sequence():
+    q, k, v, d, s0 = _inputs(2, 0, 2, 16, 24, torch.float32, True, True)
+    for backend in ("triton", "reference"):
+        o, f = subquad.lightning_attention(q, k, v, d, initial_state=s0, output_final_state=True, backend=backend)
+        assert o.shape == (2, 0, 2, 24) and torch.equal(f, s0)
+        o, f = subquad.lightning_attention(q, k, v, backend=backend, output_final_state=True)
+        assert f.shape == (2, 2, 16, 24) and not f.any()
+
+
+def test_scale_argument():
+    q, k, v, d, _ = _inputs(1, 20, 1, 16, 16, torch.float32, True, False)
+    o1, _ = subquad.lightning_attention(q, k, v, d, scale=1.0, backend="triton")
+    o2, _ = subquad.lightning_attention(q, k, v, d, backend="triton")  # default scale 16 ** -0.5
+    torch.testing.assert_close(o1 * 0.25, o2, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# reference vs the naive O(T^2) definition, float64
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 64), (63, 16), (64, 16), (100, 64), (257, 32)], ids=lambda x: str(x))
+@pytest.mark.parametrize("decay", [None, "slopes", "huge"])
+def test_reference_matches_naive(T, chunk, decay):
+    B, H, K, V = 2, 3, 8, 12
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for D in (K, K, V))
+    s0 = torch.randn(B, H, K, V, dtype=torch.float64)
+    d = {None: None, "slopes": subquad.lightning_slopes(H), "huge": torch.tensor([0.0, 30.0, 800.0])}[decay]
+    o, f = ref_chunked(q, k, v, d, 0.7, s0, True, chunk_size=chunk)
+    o2, f2 = lightning_attention_naive(q, k, v, d, 0.7, s0)
+    assert torch.isfinite(o).all() and torch.isfinite(f).all()
+    torch.testing.assert_close(o, o2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, f2, rtol=1e-10, atol=1e-10)
+
+
+def test_naive_matches_recurrence():
+    """The naive formula against the literal recurrence S_t = lambda S_{t-1} + k_t v_t^T, o_t = scale q_t S_t."""
+    B, T, H, K, V = 2, 19, 3, 5, 7
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for D in (K, K, V))
+    S = torch.randn(B, H, K, V, dtype=torch.float64)
+    d = subquad.lightning_slopes(H).double()
+    o, f = lightning_attention_naive(q, k, v, d, 0.3, S)
+    lam = torch.exp(-d)[None, :, None, None]
+    outs = []
+    for t in range(T):
+        S = lam * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(0.3 * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    torch.testing.assert_close(o, torch.stack(outs, 1))
+    torch.testing.assert_close(f, S)
+
+
+def test_reference_varlen_matches_naive():
+    cu = torch.tensor([0, 3, 3, 70, 101])
+    q, k, v = (torch.randn(1, 101, 2, D, dtype=torch.float64) for D in (8, 8, 4))
+    s0 = torch.randn(4, 2, 8, 4, dtype=torch.float64)
+    d = subquad.lightning_slopes(2)
+    o, f = ref_chunked(q, k, v, d, None, s0, True, cu, chunk_size=16)
+    o2, f2 = lightning_attention_naive(q, k, v, d, None, s0, cu)
+    torch.testing.assert_close(o, o2)
+    torch.testing.assert_close(f, f2)
+
+
+def test_slopes():
+    s = subquad.lightning_slopes(8)
+    assert s.dtype == torch.float32 and s.shape == (8,)
+    torch.testing.assert_close(s, torch.tensor([2.0 ** (-(i + 1)) for i in range(8)]))
+
+
+def test_cpu_auto_backend_is_reference():
+    q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
+    o, _ = subquad.lightning_attention(q, k, v)
+    o2, _ = ref_chunked(q, k, v)
+    torch.testing.assert_close(o, o2)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: realistic sizes, bf16, no recompiles across sequence lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("shape", [(2, 1000, 4, 128, 128), (1, 2049, 2, 64, 96), (1, 777, 2, 256, 256)], ids=_sid)
+def test_kernel_large(shape, dtype):
+    q, k, v, d, s0 = _inputs(*shape, dtype, True, True)
+    with torch.no_grad():
+        q.mul_(0.3), k.mul_(0.3)
+    _check(q, k, v, d, s0)
+
+
+@pytest.mark.gpu
+def test_no_recompile_across_lengths():
+    from subquad.kernels import lightning as kl
+
+    def n_compiled():
+        return sum(len(c) for c in kl._fwd_kernel.device_caches.values()) if hasattr(kl._fwd_kernel, "device_caches") \
+            else sum(len(c) for c in kl._fwd_kernel.cache.values())
+
+    q, k, v, d, _ = _inputs(1, 300, 2, 64, 64, torch.bfloat16, True, False)
+    subquad.lightning_attention(q, k, v, d)
+    before = n_compiled()
+    for T in (100, 257, 299, 64, 33):
+        subquad.lightning_attention(q[:, :T], k[:, :T], v[:, :T], d)
+    assert n_compiled() == before
