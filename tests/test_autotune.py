@@ -1,0 +1,86 @@
+"""The autotune layer: one config under the interpreter, the on-disk cache across processes,
+sequence length never part of a key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subquad.autotune import Config, Tuner, spaces, tuner as tuner_mod
+
+
+class FakeCuda:
+    type = "cuda"
+
+
+def test_interpreter_uses_default_without_timing():
+    t = Tuner("t-interp", [Config({"BV": 32}), Config({"BV": 64})])
+    called = []
+    cfg = t.choose(("float16", 64, 64, True), FakeCuda(), lambda c: called.append(c) or 1.0)
+    assert cfg == Config({"BV": 32}) and not called
+
+
+def test_disk_cache_is_reused_by_a_new_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: "FakeGPU|triton-x")
+    Tuner.forget_memory()
+    space = [Config({"BV": 32}), Config({"BV": 64}, num_warps=8), Config({"BV": 128})]
+    times = {32: 2.0, 64: 1.0, 128: 3.0}
+    calls = []
+
+    def bench(cfg):
+        calls.append(cfg)
+        if cfg.kw["BV"] == 128:
+            raise RuntimeError("out of shared memory")  # a failing config is skipped, not fatal
+        return times[cfg.kw["BV"]]
+
+    cfg = Tuner("t-disk", space).choose(("bfloat16", 128, 128, True), FakeCuda(), bench)
+    assert cfg == space[1] and len(calls) == 3
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    (key,) = data
+    assert key == "FakeGPU|triton-x|t-disk|bfloat16-128-128-True"
+    assert data[key]["config"] == space[1].to_json()
+    assert data[key]["ms"]["BV128_w4_s2"].startswith("failed")
+
+    Tuner.forget_memory()  # a second process: reads the file, times nothing
+    calls.clear()
+    cfg2 = Tuner("t-disk", space).choose(("bfloat16", 128, 128, True), FakeCuda(), bench)
+    assert cfg2 == space[1] and not calls
+    Tuner.forget_memory()
+
+
+def test_every_config_fails_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: "FakeGPU")
+    Tuner.forget_memory()
+
+    def bench(cfg):
+        raise RuntimeError("nope")
+
+    with pytest.raises(RuntimeError, match="every config"):
+        Tuner("t-fail", [Config({"BV": 32})]).choose(("x",), FakeCuda(), bench)
+    Tuner.forget_memory()
+
+
+@pytest.mark.parametrize("tuner", spaces.ALL, ids=lambda t: t.kernel)
+@pytest.mark.parametrize("K,V", [(16, 16), (64, 64), (100, 40), (128, 128), (256, 256)])
+def test_every_space_has_a_default_for_supported_head_dims(tuner, K, V):
+    cfg = tuner.default(("bfloat16", K, V, True))
+    assert cfg in tuner.space
+
+
+def test_sequence_length_is_not_a_specialization_key():
+    """T is a runtime argument excluded from specialization, and launchers' buckets have no T."""
+    import inspect
+
+    from subquad.kernels import lightning as kl
+
+    for fn in (kl._fwd_kernel, kl._recurrent_fwd_kernel, kl._bwd_dq_kernel, kl._bwd_dkdv_kernel):
+        # JITFunction on a GPU; the interpreter's wrapper keeps the jit keyword arguments
+        dns = fn.do_not_specialize if hasattr(fn, "do_not_specialize") else fn.kwargs["do_not_specialize"]
+        assert list(dns) == ["T"] or [getattr(p, "name", p) for p in dns] == ["T"]
+    src = inspect.getsource(kl._bucket)
+    assert "T" not in src.split("return", 1)[1]

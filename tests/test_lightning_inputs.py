@@ -1,0 +1,92 @@
+"""Bad input to lightning_attention: each documented error, with the argument named; nothing runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subquad
+
+from helpers import DEVICE
+
+
+def _qkv(B=1, T=8, H=2, K=16, V=16, dtype=torch.float32):
+    return (torch.randn(B, T, H, K, dtype=dtype, device=DEVICE), torch.randn(B, T, H, K, dtype=dtype, device=DEVICE),
+            torch.randn(B, T, H, V, dtype=dtype, device=DEVICE))
+
+
+def _call(q=None, k=None, v=None, decay=None, **kw):
+    q0, k0, v0 = _qkv()
+    kw.setdefault("backend", "triton")
+    return subquad.lightning_attention(q0 if q is None else q, k0 if k is None else k, v0 if v is None else v,
+                                       decay, **kw)
+
+
+CASES = [
+    ("q rank", lambda: _call(q=torch.randn(8, 2, 16)), ValueError, "q must have 4 dims"),
+    ("v rank", lambda: _call(v=torch.randn(1, 1, 8, 2, 16)), ValueError, "v must have 4 dims"),
+    ("q type", lambda: _call(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    ("int tensor", lambda: _call(q=torch.ones(1, 8, 2, 16, dtype=torch.int64)), TypeError, "q must have dtype"),
+    ("fp64 unsupported", lambda: _call(q=torch.randn(1, 8, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
+    ("mixed dtypes", lambda: _call(k=torch.randn(1, 8, 2, 16, dtype=torch.float16)), TypeError, "k must have the dtype of q"),
+    ("B mismatch", lambda: _call(k=torch.randn(2, 8, 2, 16)), ValueError, "k must have q's [B, T, H]"),
+    ("T mismatch", lambda: _call(v=torch.randn(1, 9, 2, 16)), ValueError, "v must have q's [B, T, H]"),
+    ("H mismatch", lambda: _call(v=torch.randn(1, 8, 3, 16)), ValueError, "v must have q's [B, T, H]"),
+    ("K mismatch", lambda: _call(k=torch.randn(1, 8, 2, 32)), ValueError, "k must have q's head dim K=16"),
+    ("K too small for triton", lambda: _call(q=torch.randn(1, 8, 2, 8), k=torch.randn(1, 8, 2, 8)), ValueError,
+     "head dim K must be in [16, 256]"),
+    ("V too large for triton", lambda: _call(v=torch.randn(1, 8, 2, 300)), ValueError, "head dim V must be in [16, 256]"),
+    ("decay shape", lambda: _call(decay=torch.ones(3)), ValueError, "decay must have shape [H] = [2]"),
+    ("decay rank", lambda: _call(decay=torch.ones(2, 1)), ValueError, "decay must have 1 dims"),
+    ("decay negative", lambda: _call(decay=torch.tensor([0.1, -0.2])), ValueError, "decay rates must be finite and >= 0"),
+    ("decay nan", lambda: _call(decay=torch.tensor([0.1, float("nan")])), ValueError, "decay rates must be finite"),
+    ("decay int", lambda: _call(decay=torch.tensor([1, 2])), TypeError, "decay must have dtype"),
+    ("decay learnable", lambda: _call(decay=torch.ones(2, requires_grad=True)), ValueError, "not learnable"),
+    ("state shape", lambda: _call(initial_state=torch.zeros(1, 2, 16, 17)), ValueError,
+     "initial_state must have shape [N, H, K, V] = (1, 2, 16, 16)"),
+    ("state int", lambda: _call(initial_state=torch.zeros(1, 2, 16, 16, dtype=torch.int32)), TypeError,
+     "initial_state must have dtype"),
+    ("cu not tensor", lambda: _call(cu_seqlens=[0, 8]), TypeError, "cu_seqlens must be a torch.Tensor"),
+    ("cu float", lambda: _call(cu_seqlens=torch.tensor([0.0, 8.0])), TypeError, "cu_seqlens must be an int32 or int64"),
+    ("cu 2-D", lambda: _call(cu_seqlens=torch.tensor([[0, 8]])), ValueError, "cu_seqlens must be 1-D"),
+    ("cu start", lambda: _call(cu_seqlens=torch.tensor([1, 8])), ValueError, "cu_seqlens must start at 0"),
+    ("cu decreasing", lambda: _call(cu_seqlens=torch.tensor([0, 5, 3, 8])), ValueError, "non-decreasing"),
+    ("cu end", lambda: _call(cu_seqlens=torch.tensor([0, 5, 7])), ValueError, "cu_seqlens must end at T=8"),
+    ("cu with B>1", lambda: _call(*_qkv(B=2), cu_seqlens=torch.tensor([0, 8])), ValueError, "B == 1"),
+    ("cu state rows", lambda: _call(cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.zeros(1, 2, 16, 16)),
+     ValueError, "initial_state must have shape [N, H, K, V] = (2, 2, 16, 16)"),
+    ("scale type", lambda: _call(scale="0.5"), TypeError, "scale must be a float"),
+    ("scale nan", lambda: _call(scale=float("nan")), ValueError, "scale must be finite"),
+    ("backend", lambda: _call(backend="cuda"), ValueError, "backend must be one of"),
+    ("final flag", lambda: _call(output_final_state=1), TypeError, "output_final_state must be a bool"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case):
+    _, fn, exc, msg = case
+    with pytest.raises(exc) as info:
+        fn()
+    assert msg in str(info.value)
+
+
+def test_reference_accepts_small_head_dims():
+    """The head-dim range is a kernel limit; the reference backend takes any size."""
+    q, k, v = (torch.randn(1, 5, 2, 4) for _ in range(3))
+    o, _ = subquad.lightning_attention(q, k, v, backend="reference")
+    assert o.shape == (1, 5, 2, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        subquad.lightning_attention(q, k, v, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
+def test_mixed_devices():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="k must be on the device of q"):
+        subquad.lightning_attention(q, k.cpu(), v)
