@@ -238,3 +238,24 @@ def test_no_recompile_across_lengths():
     for T in (100, 257, 299, 64, 33):
         subquad.lightning_attention(q[:, :T], k[:, :T], v[:, :T], d)
     assert n_compiled() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# every config of every space computes the same function (the default is tested above; the tuner
+# may pick any other on a GPU)
+
+
+def _all_configs():
+    from subquad.autotune import spaces
+
+    bucket = ("float32", 100, 72, True)
+    return [(t, c) for t in (spaces.LIGHTNING_FWD, spaces.LIGHTNING_RECURRENT, spaces.LIGHTNING_BWD_DQ,
+                             spaces.LIGHTNING_BWD_DKDV) for c in t.candidates(bucket)]
+
+
+@pytest.mark.parametrize("tuner,cfg", _all_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
+def test_every_config(tuner, cfg, monkeypatch):
+    monkeypatch.setattr(tuner, "choose", lambda bucket, device, bench: cfg)
+    T = 5 if tuner.kernel == "lightning_recurrent" else 70
+    q, k, v, d, s0 = _inputs(1, T, 1, 100, 72, torch.float32, True, True)
+    _check(q, k, v, d, s0)
