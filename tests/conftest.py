@@ -20,3 +20,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test draws the same random numbers whatever the order or selection of tests."""
+    torch.manual_seed(0)

@@ -15,10 +15,14 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA e
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, factor: float = 2.0):
+def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, factor: float = 2.0,
+                 dtype: torch.dtype = None):
     """The flash-attention rule: the kernel's max error against the float64 reference is at most
     ``factor`` times the error of the same reference computed in the kernel's dtype, plus a small
-    atol scaled by the reference's magnitude. NaN (e.g. an unwritten poisoned element) fails."""
+    atol scaled by the reference's magnitude. NaN (e.g. an unwritten poisoned element) fails.
+
+    ``dtype`` is the dtype the computation ran in (default: out's). It sets the atol: an fp32
+    result of an fp16 computation (a state or its gradient) carries fp16 rounding."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     out64 = out.detach().double().cpu()
     ref64 = ref64.detach().double().cpu()
@@ -26,7 +30,7 @@ def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: to
     err = (out64 - ref64).abs().max().item() if out64.numel() else 0.0
     ref_err = (ref_lowp.detach().double().cpu() - ref64).abs().max().item() if out64.numel() else 0.0
     mag = max(1.0, ref64.abs().max().item()) if out64.numel() else 1.0
-    bound = factor * ref_err + ATOL[out.dtype if out.dtype in ATOL else torch.float32] * mag
+    bound = factor * ref_err + ATOL[dtype or out.dtype] * mag
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (reference in {out.dtype}: {ref_err:.3e})"
 
 
