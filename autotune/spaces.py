@@ -79,4 +79,51 @@ LIGHTNING_BWD_DKDV = Tuner(
     lambda cfg, b: _state_fits(cfg, b, 32),
 )
 
-ALL = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
+
+# Neighborhood attention; bucket = (dtype name, head dim, spatial rank). Tiles are boxes
+# TQ0 x TQ1 x TQ2 (queries) and TK0 x TK1 x TK2 (keys); lower ranks use leading 1s.
+def _na(w, st, tq, tk):
+    rank = 3 - sum(1 for x in tq[:2] if x == 1)  # R: the spatial rank the tile shape is made for
+    return Config({"R": rank, **{f"TQ{i}": x for i, x in enumerate(tq)}, **{f"TK{i}": x for i, x in enumerate(tk)}},
+                  w, st)
+
+
+def _na_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
+    _, D, rank = bucket
+    if cfg.kw["R"] != rank:
+        return False
+    tq = [cfg.kw[f"TQ{i}"] for i in range(3)]
+    tk = [cfg.kw[f"TK{i}"] for i in range(3)]
+    bm, bn = tq[0] * tq[1] * tq[2], tk[0] * tk[1] * tk[2]
+    # fp32 accumulators (acc_tiles of them, BM or BN rows x padded D) within ~128 registers a thread
+    rows = bm if acc_tiles == 1 else bn
+    return acc_tiles * rows * pow2(D) <= 128 * 32 * cfg.num_warps
+
+
+_NA_SPACE = [
+    # 1-D
+    _na(4, 2, (1, 1, 64), (1, 1, 64)),
+    _na(8, 2, (1, 1, 128), (1, 1, 64)),
+    _na(8, 3, (1, 1, 128), (1, 1, 64)),
+    _na(8, 2, (1, 1, 128), (1, 1, 128)),
+    _na(4, 2, (1, 1, 64), (1, 1, 32)),
+    # 2-D
+    _na(4, 2, (1, 8, 8), (1, 8, 8)),
+    _na(8, 2, (1, 16, 8), (1, 8, 8)),
+    _na(8, 2, (1, 16, 8), (1, 16, 8)),
+    _na(8, 2, (1, 8, 16), (1, 8, 8)),
+    _na(4, 2, (1, 8, 8), (1, 4, 8)),
+    # 3-D
+    _na(4, 2, (4, 4, 4), (4, 4, 4)),
+    _na(8, 2, (2, 8, 8), (2, 4, 8)),
+    _na(8, 2, (4, 4, 8), (4, 4, 4)),
+    _na(4, 2, (2, 4, 8), (2, 4, 4)),
+]
+
+NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_SPACE, lambda c, b: _na_valid(c, b, 1))
+NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_SPACE, lambda c, b: _na_valid(c, b, 1))
+NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_SPACE, lambda c, b: _na_valid(c, b, 2))
+
+LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
+NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]
+ALL = LIGHTNING + NEIGHBORHOOD

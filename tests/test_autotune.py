@@ -65,11 +65,19 @@ def test_every_config_fails_is_an_error(monkeypatch, tmp_path):
     Tuner.forget_memory()
 
 
-@pytest.mark.parametrize("tuner", spaces.ALL, ids=lambda t: t.kernel)
+@pytest.mark.parametrize("tuner", spaces.LIGHTNING, ids=lambda t: t.kernel)
 @pytest.mark.parametrize("K,V", [(16, 16), (64, 64), (100, 40), (128, 128), (256, 256)])
-def test_every_space_has_a_default_for_supported_head_dims(tuner, K, V):
+def test_every_lightning_space_has_a_default_for_supported_head_dims(tuner, K, V):
     cfg = tuner.default(("bfloat16", K, V, True))
     assert cfg in tuner.space
+
+
+@pytest.mark.parametrize("tuner", spaces.NEIGHBORHOOD, ids=lambda t: t.kernel)
+@pytest.mark.parametrize("D", [16, 32, 64, 100, 128, 256])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_every_neighborhood_space_has_a_default(tuner, D, rank):
+    cfg = tuner.default(("bfloat16", D, rank))
+    assert cfg.kw["R"] == rank
 
 
 def test_sequence_length_is_not_a_specialization_key():

@@ -1,0 +1,404 @@
+"""Neighborhood / generalized neighborhood attention (NATTEN semantics) on the block-sparse core.
+
+Every layout is handled as 3-D ``[B, n0, n1, n2, H, D]`` (1-D and 2-D inputs get leading dims of
+size 1, window 1). Tiles are boxes: a query tile is TQ0 x TQ1 x TQ2 positions and a KV tile
+TK0 x TK1 x TK2 positions of one dilation group, so a tile's tokens are gathered by index
+arithmetic from where they lie (no permuted copy, dilation included: in-group index i' maps to
+i' d + g).
+
+Walks (closed form, per dim, in-group coordinates; windows are monotone in the query index):
+* forward / dQ: a query tile visits the KV tiles from the one holding the window start of its
+  first query to the one holding the window end of its last query (a box of tiles);
+* dK/dV: a KV tile is visited by the query tiles from the first query whose window ends after the
+  tile's first key to the last query whose window starts at or before its last key (both found
+  by binary search on the monotone window bounds); deterministic, no atomics. Grouped-query heads
+  are summed inside the program.
+A KV tile inside every window of the query tile (and inside the sequence) skips element masking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import bench_launch, spaces
+from .block_sparse import LOG2E, bwd_delta, dkdv_step, dq_step, fwd_finish, fwd_step, precision
+from .common import empty, pow2
+
+__all__ = ["NeighborhoodAttentionFunction", "na_fwd", "na_bwd"]
+
+
+@triton.jit
+def _window(i, n, k, s, causal):
+    """In-group window [start, end) of in-group index i (scalar or tensor) along one dim of n."""
+    lead = tl.minimum((i // s) * s + s // 2, n - 1)
+    start_nc = tl.minimum(tl.maximum(lead - k // 2, 0), n - k)
+    lead_c = tl.minimum((i // s) * s + s - 1, n - 1)
+    start_c = tl.maximum(lead_c - k + 1, 0)
+    start = tl.where(causal != 0, start_c, start_nc)
+    end = tl.where(causal != 0, i + 1, start_nc + k)
+    return start, end
+
+
+@triton.jit
+def _lower_bound(target, n, k, s, causal, nbits, USE_END: tl.constexpr):
+    """Smallest i in [0, n] with end(i) > target (USE_END) or start(i) > target, by bisection
+    (nbits >= bit length of n iterations)."""
+    lo = n * 0
+    hi = n
+    for _ in range(0, nbits):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        st, en = _window(mid, n, k, s, causal)
+        if USE_END:
+            pred = en > target
+        else:
+            pred = st > target
+        hi = tl.where(active & pred, mid, hi)
+        lo = tl.where(active & (pred == 0), mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def _split3(x, A1, A2):
+    """Row-major index x over (., A1, A2) -> three coordinates."""
+    return x // (A1 * A2), (x // A2) % A1, x % A2
+
+
+@triton.jit
+def _group_len(n, d, g):
+    return (n - g + d - 1) // d
+
+
+@triton.jit
+def _na_q_kernel(
+    Q, K, V, O, LSE, DO, DELTA, DQ,
+    n0, n1, n2, k0, k1, k2, s0, s1, s2, d0, d1, d2, c0, c1, c2,
+    H, GROUP, nt1, nt2, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+    BWD: tl.constexpr, PREC: tl.constexpr,
+):
+    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) for one query tile."""
+    BM: tl.constexpr = TQ0 * TQ1 * TQ2
+    BN: tl.constexpr = TK0 * TK1 * TK2
+    pid_t = tl.program_id(0)
+    gidx = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    Hkv = H // GROUP
+    g0, g1, g2 = _split3(gidx, d1, d2)
+    ng0 = _group_len(n0, d0, g0)
+    ng1 = _group_len(n1, d1, g1)
+    ng2 = _group_len(n2, d2, g2)
+    t0, t1, t2 = _split3(pid_t, nt1, nt2)
+    if (t0 * TQ0 >= ng0) | (t1 * TQ1 >= ng1) | (t2 * TQ2 >= ng2):
+        return  # this group is shorter than the longest one
+    ntok = n0 * n1 * n2
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+
+    # the query tile: coordinates, rows, windows
+    r = tl.arange(0, BM)
+    l0, l1, l2 = _split3(r, TQ1, TQ2)
+    qc0 = t0 * TQ0 + l0
+    qc1 = t1 * TQ1 + l1
+    qc2 = t2 * TQ2 + l2
+    q_ok = (qc0 < ng0) & (qc1 < ng1) & (qc2 < ng2)
+    tok = ((qc0 * d0 + g0) * n1 + (qc1 * d1 + g1)) * n2 + (qc2 * d2 + g2)
+    stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
+    q_rows = stat_rows * D
+    st0, en0 = _window(qc0, ng0, k0, s0, c0)
+    st1, en1 = _window(qc1, ng1, k1, s1, c1)
+    st2, en2 = _window(qc2, ng2, k2, s2, c2)
+    # first / last valid query of the tile per dim (windows are monotone)
+    f0, e0 = _window(t0 * TQ0, ng0, k0, s0, c0)
+    f1, e1 = _window(t1 * TQ1, ng1, k1, s1, c1)
+    f2, e2 = _window(t2 * TQ2, ng2, k2, s2, c2)
+    ls0, le0 = _window(tl.minimum(t0 * TQ0 + TQ0, ng0) - 1, ng0, k0, s0, c0)
+    ls1, le1 = _window(tl.minimum(t1 * TQ1 + TQ1, ng1) - 1, ng1, k1, s1, c1)
+    ls2, le2 = _window(tl.minimum(t2 * TQ2 + TQ2, ng2) - 1, ng2, k2, s2, c2)
+    lo0 = f0 // TK0
+    lo1 = f1 // TK1
+    lo2 = f2 // TK2
+    cnt0 = (le0 - 1) // TK0 - lo0 + 1
+    cnt1 = (le1 - 1) // TK1 - lo1 + 1
+    cnt2 = (le2 - 1) // TK2 - lo2 + 1
+
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    if BWD:
+        do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + stat_rows, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        dq = tl.zeros([BM, BD], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+
+    rn = tl.arange(0, BN)
+    m0, m1, m2 = _split3(rn, TK1, TK2)
+    for j in range(0, cnt0 * cnt1 * cnt2):
+        j0, j1, j2 = _split3(j, cnt1, cnt2)
+        kt0 = lo0 + j0
+        kt1 = lo1 + j1
+        kt2 = lo2 + j2
+        kc0 = kt0 * TK0 + m0
+        kc1 = kt1 * TK1 + m1
+        kc2 = kt2 * TK2 + m2
+        k_ok = (kc0 < ng0) & (kc1 < ng1) & (kc2 < ng2)
+        ktok = ((kc0 * d0 + g0) * n1 + (kc1 * d1 + g1)) * n2 + (kc2 * d2 + g2)
+        k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
+        # full tile: every key inside the sequence and inside every query's window
+        full = ((ls0 <= kt0 * TK0) & (kt0 * TK0 + TK0 <= tl.minimum(e0, ng0))
+                & (ls1 <= kt1 * TK1) & (kt1 * TK1 + TK1 <= tl.minimum(e1, ng1))
+                & (ls2 <= kt2 * TK2) & (kt2 * TK2 + TK2 <= tl.minimum(e2, ng2)))
+        if full:
+            mask = k_ok[None, :]  # unused: USE_MASK=False
+            if BWD:
+                dq = dq_step(dq, q, do, lse, delta, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale, False, PREC)
+            else:
+                acc, m_i, l_i = fwd_step(acc, m_i, l_i, q, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale,
+                                         False, PREC)
+        else:
+            mask = ((kc0[None, :] >= st0[:, None]) & (kc0[None, :] < en0[:, None])
+                    & (kc1[None, :] >= st1[:, None]) & (kc1[None, :] < en1[:, None])
+                    & (kc2[None, :] >= st2[:, None]) & (kc2[None, :] < en2[:, None]) & k_ok[None, :])
+            if BWD:
+                dq = dq_step(dq, q, do, lse, delta, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale, True, PREC)
+            else:
+                acc, m_i, l_i = fwd_step(acc, m_i, l_i, q, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale,
+                                         True, PREC)
+    if BWD:
+        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=q_ok[:, None] & d_ok[None, :])
+    else:
+        o, lse_out = fwd_finish(acc, m_i, l_i)
+        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+
+
+@triton.jit
+def _na_kv_kernel(
+    Q, K, V, LSE, DO, DELTA, DK, DV,
+    n0, n1, n2, k0, k1, k2, s0, s1, s2, d0, d1, d2, c0, c1, c2,
+    H, GROUP, nt1, nt2, nbits, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dK, dV of one KV tile (of one KV head), over the query tiles and query heads that use it."""
+    BM: tl.constexpr = TQ0 * TQ1 * TQ2
+    BN: tl.constexpr = TK0 * TK1 * TK2
+    pid_t = tl.program_id(0)
+    gidx = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    Hkv = H // GROUP
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    g0, g1, g2 = _split3(gidx, d1, d2)
+    ng0 = _group_len(n0, d0, g0)
+    ng1 = _group_len(n1, d1, g1)
+    ng2 = _group_len(n2, d2, g2)
+    t0, t1, t2 = _split3(pid_t, nt1, nt2)
+    if (t0 * TK0 >= ng0) | (t1 * TK1 >= ng1) | (t2 * TK2 >= ng2):
+        return
+    ntok = n0 * n1 * n2
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+
+    rn = tl.arange(0, BN)
+    m0, m1, m2 = _split3(rn, TK1, TK2)
+    kc0 = t0 * TK0 + m0
+    kc1 = t1 * TK1 + m1
+    kc2 = t2 * TK2 + m2
+    k_ok = (kc0 < ng0) & (kc1 < ng1) & (kc2 < ng2)
+    ktok = ((kc0 * d0 + g0) * n1 + (kc1 * d1 + g1)) * n2 + (kc2 * d2 + g2)
+    k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
+    k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    # keys of this tile per dim: [kf, kl]; the queries whose windows meet them: [i_lo, i_hi]
+    kf0 = t0 * TK0
+    kf1 = t1 * TK1
+    kf2 = t2 * TK2
+    kl0 = tl.minimum(kf0 + TK0, ng0) - 1
+    kl1 = tl.minimum(kf1 + TK1, ng1) - 1
+    kl2 = tl.minimum(kf2 + TK2, ng2) - 1
+    lo0 = _lower_bound(kf0, ng0, k0, s0, c0, nbits, True) // TQ0
+    lo1 = _lower_bound(kf1, ng1, k1, s1, c1, nbits, True) // TQ1
+    lo2 = _lower_bound(kf2, ng2, k2, s2, c2, nbits, True) // TQ2
+    cnt0 = (_lower_bound(kl0, ng0, k0, s0, c0, nbits, False) - 1) // TQ0 - lo0 + 1
+    cnt1 = (_lower_bound(kl1, ng1, k1, s1, c1, nbits, False) - 1) // TQ1 - lo1 + 1
+    cnt2 = (_lower_bound(kl2, ng2, k2, s2, c2, nbits, False) - 1) // TQ2 - lo2 + 1
+    cnt0 = tl.maximum(cnt0, 0)
+    cnt1 = tl.maximum(cnt1, 0)
+    cnt2 = tl.maximum(cnt2, 0)
+
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    r = tl.arange(0, BM)
+    l0, l1, l2 = _split3(r, TQ1, TQ2)
+    for hh in range(0, GROUP):
+        h = hk * GROUP + hh
+        for j in range(0, cnt0 * cnt1 * cnt2):
+            j0, j1, j2 = _split3(j, cnt1, cnt2)
+            qt0 = lo0 + j0
+            qt1 = lo1 + j1
+            qt2 = lo2 + j2
+            qc0 = qt0 * TQ0 + l0
+            qc1 = qt1 * TQ1 + l1
+            qc2 = qt2 * TQ2 + l2
+            q_ok = (qc0 < ng0) & (qc1 < ng1) & (qc2 < ng2)
+            tok = ((qc0 * d0 + g0) * n1 + (qc1 * d1 + g1)) * n2 + (qc2 * d2 + g2)
+            stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
+            _f0, e0 = _window(qt0 * TQ0, ng0, k0, s0, c0)
+            _f1, e1 = _window(qt1 * TQ1, ng1, k1, s1, c1)
+            _f2, e2 = _window(qt2 * TQ2, ng2, k2, s2, c2)
+            ls0, _l0 = _window(tl.minimum(qt0 * TQ0 + TQ0, ng0) - 1, ng0, k0, s0, c0)
+            ls1, _l1 = _window(tl.minimum(qt1 * TQ1 + TQ1, ng1) - 1, ng1, k1, s1, c1)
+            ls2, _l2 = _window(tl.minimum(qt2 * TQ2 + TQ2, ng2) - 1, ng2, k2, s2, c2)
+            full = ((ls0 <= kf0) & (kl0 < e0) & (ls1 <= kf1) & (kl1 < e1) & (ls2 <= kf2) & (kl2 < e2))
+            if full:
+                dk, dv = dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stat_rows * D, q_ok, stat_rows, offs_d, d_ok,
+                                   k_ok[:, None], qk_scale, False, PREC)
+            else:
+                st0, en0 = _window(qc0, ng0, k0, s0, c0)
+                st1, en1 = _window(qc1, ng1, k1, s1, c1)
+                st2, en2 = _window(qc2, ng2, k2, s2, c2)
+                mask_t = ((kc0[:, None] >= st0[None, :]) & (kc0[:, None] < en0[None, :])
+                          & (kc1[:, None] >= st1[None, :]) & (kc1[:, None] < en1[None, :])
+                          & (kc2[:, None] >= st2[None, :]) & (kc2[:, None] < en2[None, :]))
+                dk, dv = dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stat_rows * D, q_ok, stat_rows, offs_d, d_ok,
+                                   mask_t, qk_scale, True, PREC)
+    tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _geom_args(geom):
+    n, k, s, d, c = geom
+    return (*n, *k, *s, *d, *(int(x) for x in c))
+
+
+def _tiles(cfg, prefix):
+    return tuple(cfg.kw[f"{prefix}{i}"] for i in range(3))
+
+
+def _grid_tiles(geom, tile):
+    """Tiles per dim of the longest dilation group."""
+    n, _, _, d, _ = geom
+    return [triton.cdiv(triton.cdiv(n[i], d[i]), tile[i]) for i in range(3)]
+
+
+def _bucket(q, geom, rank):
+    return (str(q.dtype).replace("torch.", ""), q.shape[-1], rank)
+
+
+def na_fwd(q, k, v, geom, rank, scale):
+    """q [B, n0, n1, n2, H, D], k/v [B, n0, n1, n2, H_kv, D] contiguous -> (o, lse [B, N, H] fp32)."""
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    group = H // k.shape[-2]
+    n, _, _, d, _ = geom
+    o = empty(q.shape, q.dtype, q.device)
+    lse = empty((B, n[0] * n[1] * n[2], H), torch.float32, q.device)
+
+    def launch(cfg):
+        TQ, TK = _tiles(cfg, "TQ"), _tiles(cfg, "TK")
+        nt = _grid_tiles(geom, TQ)
+        grid = (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], B * H)
+        return _na_q_kernel[grid](
+            q, k, v, o, lse, q, lse, q, *_geom_args(geom), H, group, nt[1], nt[2], scale * LOG2E, scale,
+            D=D, BD=pow2(D), TQ0=TQ[0], TQ1=TQ[1], TQ2=TQ[2], TK0=TK[0], TK1=TK[1], TK2=TK[2],
+            BWD=False, PREC=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = spaces.NEIGHBORHOOD_FWD.choose(_bucket(q, geom, rank), q.device, lambda c: bench_launch(lambda: launch(c)))
+    launch(cfg)
+    return o, lse
+
+
+def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    Hkv = k.shape[-2]
+    group = H // Hkv
+    n, _, _, d, _ = geom
+    delta = bwd_delta(o, do)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    bucket = _bucket(q, geom, rank)
+
+    def launch_dq(cfg):
+        TQ, TK = _tiles(cfg, "TQ"), _tiles(cfg, "TK")
+        nt = _grid_tiles(geom, TQ)
+        grid = (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], B * H)
+        return _na_q_kernel[grid](
+            q, k, v, o, lse, do, delta, dq, *_geom_args(geom), H, group, nt[1], nt[2], scale * LOG2E, scale,
+            D=D, BD=pow2(D), TQ0=TQ[0], TQ1=TQ[1], TQ2=TQ[2], TK0=TK[0], TK1=TK[1], TK2=TK[2],
+            BWD=True, PREC=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch_dkdv(cfg):
+        TQ, TK = _tiles(cfg, "TQ"), _tiles(cfg, "TK")
+        nt = _grid_tiles(geom, TK)
+        grid = (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], B * Hkv)
+        return _na_kv_kernel[grid](
+            q, k, v, lse, do, delta, dk, dv, *_geom_args(geom), H, group, nt[1], nt[2], max(n).bit_length(),
+            scale * LOG2E, scale,
+            D=D, BD=pow2(D), TQ0=TQ[0], TQ1=TQ[1], TQ2=TQ[2], TK0=TK[0], TK1=TK[1], TK2=TK[2],
+            PREC=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = spaces.NEIGHBORHOOD_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
+    launch_dq(cfg)
+    cfg = spaces.NEIGHBORHOOD_BWD_DKDV.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c)))
+    launch_dkdv(cfg)
+    return dq, dk, dv
+
+
+class NeighborhoodAttentionFunction(torch.autograd.Function):
+    """(q, k, v, geom, rank, scale) -> o, with q/k/v as contiguous 3-D layouts
+    ``[B, n0, n1, n2, H(_kv), D]`` and geom = (n, kernel_size, stride, dilation, is_causal), each a
+    3-tuple (see ``subquad.neighborhood_attention``, which validates and reshapes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, geom, rank, scale):
+        o, lse = na_fwd(q, k, v, geom, rank, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.geom, ctx.rank, ctx.scale = geom, rank, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = na_bwd(q, k, v, o, lse, do.contiguous(), ctx.geom, ctx.rank, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def compile_specs(dtype: str, K: int, V: int):
+    """Static compile check entries (see ``subquad.autotune.check``): head dim K (V must equal K)."""
+    tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    x, f32 = f"*{tdt}", "*fp32"
+    ints = {name: "i32" for name in ["n0", "n1", "n2", "k0", "k1", "k2", "s0", "s1", "s2", "d0", "d1", "d2",
+                                      "c0", "c1", "c2", "H", "GROUP", "nt1", "nt2"]}
+    prec = precision(getattr(torch, dtype))
+
+    def tiles(c):
+        return {f"T{p}{i}": c.kw[f"T{p}{i}"] for p in "QK" for i in range(3)}
+
+    q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, **ints, qk_scale="fp32", scale="fp32")
+    for tuner, bwd in ((spaces.NEIGHBORHOOD_FWD, False), (spaces.NEIGHBORHOOD_BWD_DQ, True)):
+        yield (tuner, _na_q_kernel, q_sig,
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, **tiles(c)))
+    kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
+                  scale="fp32")
+    yield (spaces.NEIGHBORHOOD_BWD_DKDV, _na_kv_kernel, kv_sig,
+           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **tiles(c)))
