@@ -2,8 +2,9 @@
 
 A family's kernel owns the walk: which KV tiles a query tile visits (forward, dQ) and which
 query tiles a KV tile is visited by (dK/dV), and the element mask of a tile. Each step of the
-walk calls one of the three steps below, so the online softmax and the gradient algebra exist
-once. Tiles are row sets given by row offsets (int64, in elements), so a tile can be a run of a
+walk loads its tile (``load_rows``), forms the scores with one ``tl.dot``, masks them only when
+the tile needs it, and calls one of the updates below, so the online softmax and the gradient
+algebra exist once. Loads stay at the top level of the walk's loop so Triton can pipeline them. Tiles are row sets given by row offsets (int64, in elements), so a tile can be a run of a
 sequence, a box of a 2-D/3-D layout, or rows gathered from anywhere.
 
 Conventions: scores are kept in the log2 domain (``qk_scale = scale * log2(e)``), the forward
@@ -21,21 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fwd_step", "dq_step", "dkdv_step", "fwd_finish", "bwd_delta"]
+__all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "bwd_delta", "precision", "LOG2E"]
 
 
 @triton.jit
-def fwd_step(acc, m_i, l_i, q, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale,
-             USE_MASK: tl.constexpr, PREC: tl.constexpr):
-    """One KV tile of the online softmax. q [BM, BD] (already in the input dtype); k_rows [BN]
-    int64 row offsets into K and V; mask [BM, BN] bool, applied only when USE_MASK."""
-    k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if USE_MASK:
-        s = tl.where(mask, s, float("-inf"))
+def load_rows(P, rows, ok, offs_d, d_ok):
+    """A [len(rows), BD] tile of rows at int64 element offsets ``rows`` (masked rows read 0)."""
+    return tl.load(P + rows[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def fwd_update(acc, m_i, l_i, s, v, PREC: tl.constexpr):
+    """One KV tile of the online softmax: s [BM, BN] scores in the log2 domain with masked entries
+    at -inf, v [BN, BD]. Rows with nothing visible yet stay at m = -inf, l = 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -53,34 +54,17 @@ def fwd_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def dq_step(dq, q, do, lse, delta, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale,
-            USE_MASK: tl.constexpr, PREC: tl.constexpr):
-    """dQ += dS K for one KV tile, with P recomputed from lse; dS = P (dO V^T - delta)."""
-    k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    p = tl.math.exp2(s - lse[:, None])
-    if USE_MASK:
-        p = tl.where(mask, p, 0.0)
+def dq_update(dq, p, do, k, v, delta, PREC: tl.constexpr):
+    """dQ += dS K with dS = P (dO V^T - delta); p [BM, BN] recomputed from lse, masked entries 0."""
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
 
 @triton.jit
-def dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, q_rows, q_ok, stat_rows, offs_d, d_ok, mask_t, qk_scale,
-              USE_MASK: tl.constexpr, PREC: tl.constexpr):
-    """dV += P^T dO, dK += dS^T Q for one query tile visiting this KV tile. q_rows [BM] row offsets
-    into Q / DO, stat_rows [BM] offsets into LSE / DELTA; mask_t [BN, BM]. Rows with q_ok False
-    get lse = +inf, so they contribute nothing."""
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
-    st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-    pt = tl.math.exp2(st - lse[None, :])
-    if USE_MASK:
-        pt = tl.where(mask_t, pt, 0.0)
+def dkdv_update(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr):
+    """dV += P^T dO, dK += dS^T Q for one query tile; pt [BN, BM] = P^T (masked entries 0, rows of
+    invalid queries 0 via lse = +inf), delta [BM]."""
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     dst = pt * (dpt - delta[None, :])

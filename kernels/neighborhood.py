@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import LOG2E, bwd_delta, dkdv_step, dq_step, fwd_finish, fwd_step, precision
+from .block_sparse import LOG2E, bwd_delta, dkdv_update, dq_update, fwd_finish, fwd_update, load_rows, precision
 from .common import empty, pow2
 
 __all__ = ["NeighborhoodAttentionFunction", "na_fwd", "na_bwd"]
@@ -131,9 +131,9 @@ def _na_q_kernel(
     cnt1 = (le1 - 1) // TK1 - lo1 + 1
     cnt2 = (le2 - 1) // TK2 - lo2 + 1
 
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
     if BWD:
-        do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
         lse = tl.load(LSE + stat_rows, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
         dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -155,26 +155,27 @@ def _na_q_kernel(
         k_ok = (kc0 < ng0) & (kc1 < ng1) & (kc2 < ng2)
         ktok = ((kc0 * d0 + g0) * n1 + (kc1 * d1 + g1)) * n2 + (kc2 * d2 + g2)
         k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
-        # full tile: every key inside the sequence and inside every query's window
+        kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
+        vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        if BWD:
+            sc = tl.math.exp2(sc - lse[:, None])  # P; masked entries -> 0
+            fill = 0.0
+        else:
+            fill = float("-inf")
+        # element mask only on tiles not inside the sequence and every query's window
         full = ((ls0 <= kt0 * TK0) & (kt0 * TK0 + TK0 <= tl.minimum(e0, ng0))
                 & (ls1 <= kt1 * TK1) & (kt1 * TK1 + TK1 <= tl.minimum(e1, ng1))
                 & (ls2 <= kt2 * TK2) & (kt2 * TK2 + TK2 <= tl.minimum(e2, ng2)))
-        if full:
-            mask = k_ok[None, :]  # unused: USE_MASK=False
-            if BWD:
-                dq = dq_step(dq, q, do, lse, delta, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale, False, PREC)
-            else:
-                acc, m_i, l_i = fwd_step(acc, m_i, l_i, q, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale,
-                                         False, PREC)
-        else:
+        if not full:
             mask = ((kc0[None, :] >= st0[:, None]) & (kc0[None, :] < en0[:, None])
                     & (kc1[None, :] >= st1[:, None]) & (kc1[None, :] < en1[:, None])
                     & (kc2[None, :] >= st2[:, None]) & (kc2[None, :] < en2[:, None]) & k_ok[None, :])
-            if BWD:
-                dq = dq_step(dq, q, do, lse, delta, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale, True, PREC)
-            else:
-                acc, m_i, l_i = fwd_step(acc, m_i, l_i, q, K, V, k_rows, k_ok, offs_d, d_ok, mask, qk_scale,
-                                         True, PREC)
+            sc = tl.where(mask, sc, fill)
+        if BWD:
+            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
+        else:
+            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
     if BWD:
         tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=q_ok[:, None] & d_ok[None, :])
@@ -222,8 +223,8 @@ def _na_kv_kernel(
     k_ok = (kc0 < ng0) & (kc1 < ng1) & (kc2 < ng2)
     ktok = ((kc0 * d0 + g0) * n1 + (kc1 * d1 + g1)) * n2 + (kc2 * d2 + g2)
     k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
-    k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
+    v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
     # keys of this tile per dim: [kf, kl]; the queries whose windows meet them: [i_lo, i_hi]
     kf0 = t0 * TK0
     kf1 = t1 * TK1
@@ -258,6 +259,11 @@ def _na_kv_kernel(
             q_ok = (qc0 < ng0) & (qc1 < ng1) & (qc2 < ng2)
             tok = ((qc0 * d0 + g0) * n1 + (qc1 * d1 + g1)) * n2 + (qc2 * d2 + g2)
             stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
+            qt = load_rows(Q, stat_rows * D, q_ok, offs_d, d_ok)
+            dot_ = load_rows(DO, stat_rows * D, q_ok, offs_d, d_ok)
+            lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
+            delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
             _f0, e0 = _window(qt0 * TQ0, ng0, k0, s0, c0)
             _f1, e1 = _window(qt1 * TQ1, ng1, k1, s1, c1)
             _f2, e2 = _window(qt2 * TQ2, ng2, k2, s2, c2)
@@ -265,18 +271,15 @@ def _na_kv_kernel(
             ls1, _l1 = _window(tl.minimum(qt1 * TQ1 + TQ1, ng1) - 1, ng1, k1, s1, c1)
             ls2, _l2 = _window(tl.minimum(qt2 * TQ2 + TQ2, ng2) - 1, ng2, k2, s2, c2)
             full = ((ls0 <= kf0) & (kl0 < e0) & (ls1 <= kf1) & (kl1 < e1) & (ls2 <= kf2) & (kl2 < e2))
-            if full:
-                dk, dv = dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stat_rows * D, q_ok, stat_rows, offs_d, d_ok,
-                                   k_ok[:, None], qk_scale, False, PREC)
-            else:
+            if not full:
                 st0, en0 = _window(qc0, ng0, k0, s0, c0)
                 st1, en1 = _window(qc1, ng1, k1, s1, c1)
                 st2, en2 = _window(qc2, ng2, k2, s2, c2)
                 mask_t = ((kc0[:, None] >= st0[None, :]) & (kc0[:, None] < en0[None, :])
                           & (kc1[:, None] >= st1[None, :]) & (kc1[:, None] < en1[None, :])
                           & (kc2[:, None] >= st2[None, :]) & (kc2[:, None] < en2[None, :]))
-                dk, dv = dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, stat_rows * D, q_ok, stat_rows, offs_d, d_ok,
-                                   mask_t, qk_scale, True, PREC)
+                pt = tl.where(mask_t, pt, 0.0)
+            dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
     tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
     tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
