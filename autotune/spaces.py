@@ -20,24 +20,26 @@ def _c(num_warps=4, num_stages=2, **kw) -> Config:
 
 def _state_fits(cfg: Config, bucket: tuple, per_thread: int) -> bool:
     """The fp32 state tile BK x BV lives in registers: keep it to ``per_thread`` floats a thread.
-    BV is clamped to the padded V by the launchers, so the clamped width is what counts."""
+    BK, BV are clamped to the padded K, V by the launchers, so the clamped sizes count."""
     _, K, V = bucket[:3]
+    bk = min(cfg.kw.get("BK", 1 << 30), pow2(K))
     bv = min(cfg.kw["BV"], pow2(V))
-    return pow2(K) * bv <= per_thread * 32 * cfg.num_warps
+    return bk * bv <= per_thread * 32 * cfg.num_warps
 
 
-# Lightning attention; bucket = (dtype name, K, V, has_decay).
+# Lightning attention; bucket = (dtype name, K, V, has_decay). K is split into BK blocks (each
+# program holds one BK x BV block of the fp32 state); the defaults were chosen with
+# `python -m subquad.autotune check` so that they do not spill on sm_80 / sm_90.
 LIGHTNING_FWD = Tuner(
     "lightning_fwd",
     [
-        _c(4, 2, BT=64, BV=64),
-        _c(8, 2, BT=64, BV=64),
-        _c(4, 2, BT=64, BV=32),
-        _c(8, 2, BT=64, BV=128),
-        _c(4, 3, BT=64, BV=64),
-        _c(4, 2, BT=32, BV=64),
-        _c(8, 2, BT=64, BV=32),
-        _c(4, 1, BT=64, BV=32),
+        _c(4, 2, BT=64, BK=64, BV=32),
+        _c(8, 2, BT=64, BK=64, BV=64),
+        _c(4, 2, BT=64, BK=64, BV=64),
+        _c(4, 2, BT=32, BK=64, BV=64),
+        _c(8, 2, BT=64, BK=128, BV=32),
+        _c(4, 3, BT=64, BK=64, BV=32),
+        _c(8, 2, BT=32, BK=128, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
 )
@@ -56,12 +58,12 @@ LIGHTNING_RECURRENT = Tuner(
 LIGHTNING_BWD_DQ = Tuner(
     "lightning_bwd_dq",
     [
-        _c(4, 2, BT=64, BV=64),
-        _c(8, 2, BT=64, BV=64),
-        _c(4, 2, BT=64, BV=32),
-        _c(8, 2, BT=64, BV=128),
-        _c(4, 2, BT=32, BV=64),
-        _c(8, 2, BT=64, BV=32),
+        _c(4, 2, BT=64, BK=64, BV=32),
+        _c(8, 2, BT=64, BK=64, BV=64),
+        _c(4, 2, BT=32, BK=64, BV=64),
+        _c(4, 2, BT=32, BK=64, BV=32),
+        _c(8, 2, BT=64, BK=128, BV=32),
+        _c(4, 1, BT=64, BK=64, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
 )
@@ -69,12 +71,12 @@ LIGHTNING_BWD_DQ = Tuner(
 LIGHTNING_BWD_DKDV = Tuner(
     "lightning_bwd_dkdv",
     [
-        _c(4, 2, BT=64, BV=32),
-        _c(8, 2, BT=64, BV=64),
-        _c(4, 2, BT=64, BV=64),
-        _c(8, 2, BT=64, BV=32),
-        _c(4, 2, BT=32, BV=32),
-        _c(8, 1, BT=64, BV=64),
+        _c(4, 2, BT=32, BK=64, BV=32),
+        _c(8, 2, BT=64, BK=64, BV=32),
+        _c(8, 2, BT=64, BK=64, BV=64),
+        _c(4, 2, BT=64, BK=64, BV=32),
+        _c(4, 1, BT=32, BK=64, BV=64),
+        _c(8, 1, BT=32, BK=128, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 32),
 )
@@ -122,7 +124,11 @@ _NA_SPACE = [
 
 NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_SPACE, lambda c, b: _na_valid(c, b, 1))
 NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_SPACE, lambda c, b: _na_valid(c, b, 1))
-NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_SPACE, lambda c, b: _na_valid(c, b, 2))
+# dK/dV holds two fp32 accumulators per KV tile: its defaults take 8 warps.
+NEIGHBORHOOD_BWD_DKDV = Tuner(
+    "neighborhood_bwd_dkdv",
+    [_na(8, 2, (1, 1, 64), (1, 1, 64)), _na(8, 2, (1, 8, 8), (1, 8, 8)), _na(8, 2, (4, 4, 4), (4, 4, 4))] + _NA_SPACE,
+    lambda c, b: _na_valid(c, b, 2))
 
 LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
 NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]

@@ -74,17 +74,18 @@ def _chunk_decays(s, n, BT: tl.constexpr, HAS_DECAY: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _fwd_kernel(
-    Q, Kt, Vt, O, DECAY, S0, ST, CU, T, H, scale,
+    Q, Kt, Vt, O, DECAY, S0, ST, CU, T, B, H, scale,
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, IS_VARLEN: tl.constexpr,
     STATE_DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
     bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
     mv = ov < V
@@ -99,7 +100,7 @@ def _fwd_kernel(
     q_base = Q + (bos * H + i_h) * K
     k_base = Kt + (bos * H + i_h) * K
     v_base = Vt + (bos * H + i_h) * V
-    o_base = O + (bos * H + i_h) * V
+    o_base = O + i_k.to(tl.int64) * B * T * H * V + (bos * H + i_h) * V  # NK > 1: fp32 partials
     for i_t in range(0, tl.cdiv(L, BT)):
         ot = i_t * BT + tl.arange(0, BT)
         mt = ot < L
@@ -126,12 +127,13 @@ def _recurrent_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
     bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
     mv = ov < V
@@ -164,12 +166,13 @@ def _bwd_dq_kernel(
 ):
     """dq_i = scale (sum_{j<=i} D_ij (dO_i . v_j) k_j + lambda^(i+1) S dO_i), S recomputed forward.
     Writes this V block's fp32 partial into DQ[i_v]."""
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
     bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
     mv = ov < V
@@ -213,12 +216,13 @@ def _bwd_dkdv_kernel(
     dk_j = scale sum_{i>=j} D_ij (dO_i . v_j) q_i + lambda^(n-1-j) dS v_j   (fp32 partial of this V block)
     dv_j = scale sum_{i>=j} D_ij (q_i . k_j) dO_i + lambda^(n-1-j) dS^T k_j
     dS  <- lambda^n dS + scale sum_i lambda^(i+1) q_i dO_i^T;  after the first chunk, dS = dS0."""
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
     bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = tl.arange(0, BK)
+    ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
     mv = ov < V
@@ -235,7 +239,7 @@ def _bwd_dkdv_kernel(
     v_base = Vt + (bos * H + i_h) * V
     do_base = DO + (bos * H + i_h) * V
     dk_base = DK + i_v.to(tl.int64) * B * T * H * K + (bos * H + i_h) * K
-    dv_base = DV + (bos * H + i_h) * V
+    dv_base = DV + i_k.to(tl.int64) * B * T * H * V + (bos * H + i_h) * V  # NK > 1: fp32 partials
     NT = tl.cdiv(L, BT)
     for j in range(0, NT):
         i_t = NT - 1 - j
@@ -301,86 +305,116 @@ def _dummy(t):
     return t.new_empty(1)
 
 
+def _blocks(cfg, K, V):
+    """(BK, BV, NK, NV) of a config: blocks clamped to the padded head dims."""
+    BK = min(cfg.kw.get("BK", 1 << 30), _pow2(K))
+    BV = min(cfg.kw["BV"], _pow2(V))
+    return BK, BV, triton.cdiv(K, BK), triton.cdiv(V, BV)
+
+
+def _launch_opts(cfg):
+    """The config's constexprs other than the block sizes, plus its launch options."""
+    kw = {k_: v_ for k_, v_ in cfg.kw.items() if k_ not in ("BK", "BV")}
+    return dict(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _sum_partials(part, dtype):
+    return (part.sum(0) if part.shape[0] > 1 else part[0]).to(dtype)
+
+
 def lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
-    """Forward launch. Inputs contiguous and validated. Returns (o, final state fp32 or None)."""
+    """Forward launch. Inputs contiguous and validated. Returns (o, final state fp32 or None).
+
+    Grid (N*H, NV, NK). With K split into NK blocks every program adds its block's share of o
+    (q_K k_K^T and q_K S_K are sums over K), so o goes through an fp32 [NK, ...] buffer."""
     N, T, B, H, K, V = _geometry(q, v, cu_seqlens)
-    o = empty(q.shape[:-1] + (V,), v.dtype, q.device)
     final = empty((N, H, K, V), torch.float32, q.device) if output_final_state else None
     cu = cu_seqlens if cu_seqlens is not None else _dummy(q).int()
+    fdummy = _dummy(q).float()
     common = dict(
         HAS_DECAY=decay is not None, HAS_S0=initial_state is not None, STORE_ST=final is not None,
         IS_VARLEN=cu_seqlens is not None,
     )
-    args = (q, k, v, o, decay if decay is not None else _dummy(q).float(),
-            initial_state if initial_state is not None else _dummy(q).float(),
-            final if final is not None else _dummy(q).float(), cu, T, H, scale)
+    tail = (decay if decay is not None else fdummy, initial_state if initial_state is not None else fdummy,
+            final if final is not None else fdummy, cu, T)
     bucket = _bucket(q, K, V, decay)
-    BK = _pow2(K)
-    if _max_len(T, cu_seqlens) <= RECURRENT_MAX_T:
-        tuner, kernel, extra = spaces.LIGHTNING_RECURRENT, _recurrent_fwd_kernel, {}
-    else:
-        sdt, prec = _precision(q.dtype)
-        tuner, kernel, extra = spaces.LIGHTNING_FWD, _fwd_kernel, dict(STATE_DT=sdt, PREC=prec)
+    recurrent = _max_len(T, cu_seqlens) <= RECURRENT_MAX_T
+    sdt, prec = _precision(q.dtype)
 
-    def launch(cfg):
-        BV = min(cfg.kw["BV"], _pow2(V))
-        grid = (triton.cdiv(V, BV), N * H)
-        kw = {k_: v_ for k_, v_ in cfg.kw.items() if k_ != "BV"}
-        return kernel[grid](*args, K=K, V=V, BK=BK, BV=BV, **kw, **common, **extra,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def out_for(cfg):
+        NK = _blocks(cfg, K, V)[2]
+        if NK == 1:
+            return empty(q.shape[:-1] + (V,), v.dtype, q.device)
+        return empty((NK,) + q.shape[:-1] + (V,), torch.float32, q.device)
 
-    cfg = tuner.choose(bucket, q.device, lambda c: bench_launch(lambda: launch(c)))
-    launch(cfg)
+    def launch(cfg, out):
+        BK, BV, NK, NV = _blocks(cfg, K, V)
+        grid = (N * H, NV, NK)
+        if recurrent:
+            return _recurrent_fwd_kernel[grid](q, k, v, out, *tail, H, scale, K=K, V=V, BK=BK, BV=BV,
+                                               **common, **_launch_opts(cfg))
+        return _fwd_kernel[grid](q, k, v, out, *tail, B, H, scale, K=K, V=V, BK=BK, BV=BV, **common,
+                                 STATE_DT=sdt, PREC=prec, **_launch_opts(cfg))
+
+    tuner = spaces.LIGHTNING_RECURRENT if recurrent else spaces.LIGHTNING_FWD
+    cfg = tuner.choose(bucket, q.device, lambda c: bench_launch(lambda: launch(c, out_for(c))))
+    o = out_for(cfg)
+    launch(cfg, o)
+    if o.dim() == q.dim() + 1:
+        o = _sum_partials(o, v.dtype)
     return o, final
 
 
 def lightning_bwd(q, k, v, decay, scale, initial_state, cu_seqlens, do, dfinal, need_ds0):
-    """Backward launches. Returns (dq, dk, dv, d initial_state or None)."""
+    """Backward launches. Returns (dq, dk, dv, d initial_state or None).
+
+    Grids (N*H, NV, NK). dq and dk sum over V, so each V block writes an fp32 partial [NV, ...];
+    dv sums over K, so with NK > 1 each K block writes an fp32 partial [NK, ...]."""
     N, T, B, H, K, V = _geometry(q, v, cu_seqlens)
     sdt, prec = _precision(q.dtype)
-    BK = _pow2(K)
     bucket = _bucket(q, K, V, decay)
     cu = cu_seqlens if cu_seqlens is not None else _dummy(q).int()
     fdummy = _dummy(q).float()
     decay_arg = decay if decay is not None else fdummy
     common = dict(IS_VARLEN=cu_seqlens is not None, HAS_DECAY=decay is not None, STATE_DT=sdt, PREC=prec)
 
-    def grid_and_bv(cfg):
-        BV = min(cfg.kw["BV"], _pow2(V))
-        return (triton.cdiv(V, BV), N * H), BV
+    def v_partials(cfg):
+        return empty((_blocks(cfg, K, V)[3],) + q.shape, torch.float32, q.device)
 
-    # dq: fp32 partials per V block, summed afterwards.
     def launch_dq(cfg, out):
-        grid, BV = grid_and_bv(cfg)
-        return _bwd_dq_kernel[grid](
+        BK, BV, NK, NV = _blocks(cfg, K, V)
+        return _bwd_dq_kernel[(N * H, NV, NK)](
             k, v, do, out, decay_arg, initial_state if initial_state is not None else fdummy, cu,
-            T, B, H, scale, K=K, V=V, BT=cfg.kw["BT"], BK=BK, BV=BV,
-            HAS_S0=initial_state is not None, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            T, B, H, scale, K=K, V=V, BK=BK, BV=BV, HAS_S0=initial_state is not None, **common,
+            **_launch_opts(cfg))
 
-    def partials(cfg):
-        return empty((grid_and_bv(cfg)[0][0],) + q.shape, torch.float32, q.device)
-
-    cfg = spaces.LIGHTNING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c, partials(c))))
-    dq_part = partials(cfg)
+    cfg = spaces.LIGHTNING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c, v_partials(c))))
+    dq_part = v_partials(cfg)
     launch_dq(cfg, dq_part)
 
-    dv = empty(v.shape, v.dtype, v.device)
     ds0 = empty((N, H, K, V), torch.float32, q.device) if need_ds0 else None
 
-    def launch_dkdv(cfg, out):
-        grid, BV = grid_and_bv(cfg)
-        return _bwd_dkdv_kernel[grid](
-            q, k, v, do, out, dv, decay_arg, dfinal if dfinal is not None else fdummy,
-            ds0 if ds0 is not None else fdummy, cu, T, B, H, scale,
-            K=K, V=V, BT=cfg.kw["BT"], BK=BK, BV=BV, HAS_DST=dfinal is not None, STORE_DS0=ds0 is not None,
-            **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def dv_out(cfg):
+        NK = _blocks(cfg, K, V)[2]
+        if NK == 1:
+            return empty(v.shape, v.dtype, v.device)
+        return empty((NK,) + v.shape, torch.float32, v.device)
 
-    cfg = spaces.LIGHTNING_BWD_DKDV.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c, partials(c))))
-    dk_part = partials(cfg)
-    launch_dkdv(cfg, dk_part)
-    dq = dq_part.sum(0) if dq_part.shape[0] > 1 else dq_part[0]
-    dk = dk_part.sum(0) if dk_part.shape[0] > 1 else dk_part[0]
-    return dq.to(q.dtype), dk.to(k.dtype), dv, ds0
+    def launch_dkdv(cfg, dk_out, dv_buf):
+        BK, BV, NK, NV = _blocks(cfg, K, V)
+        return _bwd_dkdv_kernel[(N * H, NV, NK)](
+            q, k, v, do, dk_out, dv_buf, decay_arg, dfinal if dfinal is not None else fdummy,
+            ds0 if ds0 is not None else fdummy, cu, T, B, H, scale,
+            K=K, V=V, BK=BK, BV=BV, HAS_DST=dfinal is not None, STORE_DS0=ds0 is not None,
+            **common, **_launch_opts(cfg))
+
+    cfg = spaces.LIGHTNING_BWD_DKDV.choose(
+        bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c, v_partials(c), dv_out(c))))
+    dk_part, dv = v_partials(cfg), dv_out(cfg)
+    launch_dkdv(cfg, dk_part, dv)
+    if dv.dim() == v.dim() + 1:
+        dv = _sum_partials(dv, v.dtype)
+    return _sum_partials(dq_part, q.dtype), _sum_partials(dk_part, k.dtype), dv, ds0
 
 
 class LightningAttentionFunction(torch.autograd.Function):
@@ -420,23 +454,22 @@ def compile_specs(dtype: str, K: int, V: int):
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     sdt, prec = _precision(getattr(torch, dtype))
     x, f32, i32 = f"*{tdt}", "*fp32", "*i32"
-    BK = _pow2(K)
 
-    def bv(cfg):
-        return min(cfg.kw["BV"], _pow2(V))
+    def blocks(c):
+        BK, BV, NK, _ = _blocks(c, K, V)
+        return dict(K=K, V=V, BK=BK, BV=BV, **{k_: v_ for k_, v_ in c.kw.items() if k_ not in ("BK", "BV")}), NK
 
     flags = dict(HAS_DECAY=True, IS_VARLEN=True)
-    fwd_sig = dict(Q=x, Kt=x, Vt=x, O=x, DECAY=f32, S0=f32, ST=f32, CU=i32, T="i32", H="i32", scale="fp32")
+    fwd_sig = dict(Q=x, Kt=x, Vt=x, O=x, DECAY=f32, S0=f32, ST=f32, CU=i32, T="i32", B="i32", H="i32", scale="fp32")
+    rec_sig = {a: t for a, t in fwd_sig.items() if a != "B"}
     yield (spaces.LIGHTNING_FWD, _fwd_kernel, fwd_sig,
-           lambda c: dict(K=K, V=V, BT=c.kw["BT"], BK=BK, BV=bv(c), HAS_S0=True, STORE_ST=True,
-                          STATE_DT=sdt, PREC=prec, **flags))
-    yield (spaces.LIGHTNING_RECURRENT, _recurrent_fwd_kernel, fwd_sig,
-           lambda c: dict(K=K, V=V, BK=BK, BV=bv(c), HAS_S0=True, STORE_ST=True, **flags))
+           lambda c: dict(blocks(c)[0], HAS_S0=True, STORE_ST=True, STATE_DT=sdt, PREC=prec, **flags))
+    yield (spaces.LIGHTNING_RECURRENT, _recurrent_fwd_kernel, rec_sig,
+           lambda c: dict(blocks(c)[0], HAS_S0=True, STORE_ST=True, **flags))
     yield (spaces.LIGHTNING_BWD_DQ, _bwd_dq_kernel,
            dict(Kt=x, Vt=x, DO=x, DQ=f32, DECAY=f32, S0=f32, CU=i32, T="i32", B="i32", H="i32", scale="fp32"),
-           lambda c: dict(K=K, V=V, BT=c.kw["BT"], BK=BK, BV=bv(c), HAS_S0=True, STATE_DT=sdt, PREC=prec, **flags))
+           lambda c: dict(blocks(c)[0], HAS_S0=True, STATE_DT=sdt, PREC=prec, **flags))
     yield (spaces.LIGHTNING_BWD_DKDV, _bwd_dkdv_kernel,
            dict(Q=x, Kt=x, Vt=x, DO=x, DK=f32, DV=x, DECAY=f32, DST=f32, DS0=f32, CU=i32, T="i32", B="i32",
                 H="i32", scale="fp32"),
-           lambda c: dict(K=K, V=V, BT=c.kw["BT"], BK=BK, BV=bv(c), HAS_DST=True, STORE_DS0=True,
-                          STATE_DT=sdt, PREC=prec, **flags))
+           lambda c: dict(blocks(c)[0], HAS_DST=True, STORE_DS0=True, STATE_DT=sdt, PREC=prec, **flags))

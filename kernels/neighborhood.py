@@ -387,12 +387,14 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
 
 
 def compile_specs(dtype: str, K: int, V: int):
-    """Static compile check entries (see ``subquad.autotune.check``): head dim K (V must equal K)."""
+    """Static compile check entries (see ``subquad.autotune.check``) for head dim K (= V), every
+    spatial rank: (tuner, jit function, signature, constexprs(cfg), buckets)."""
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x, f32 = f"*{tdt}", "*fp32"
     ints = {name: "i32" for name in ["n0", "n1", "n2", "k0", "k1", "k2", "s0", "s1", "s2", "d0", "d1", "d2",
                                       "c0", "c1", "c2", "H", "GROUP", "nt1", "nt2"]}
     prec = precision(getattr(torch, dtype))
+    buckets = [(dtype, K, rank) for rank in (1, 2, 3)]
 
     def tiles(c):
         return {f"T{p}{i}": c.kw[f"T{p}{i}"] for p in "QK" for i in range(3)}
@@ -400,8 +402,8 @@ def compile_specs(dtype: str, K: int, V: int):
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, **ints, qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.NEIGHBORHOOD_FWD, False), (spaces.NEIGHBORHOOD_BWD_DQ, True)):
         yield (tuner, _na_q_kernel, q_sig,
-               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, **tiles(c)))
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, **tiles(c)), buckets)
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
                   scale="fp32")
     yield (spaces.NEIGHBORHOOD_BWD_DKDV, _na_kv_kernel, kv_sig,
-           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **tiles(c)))
+           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **tiles(c)), buckets)

@@ -1,11 +1,15 @@
 """subquad: Triton kernels for sub-quadratic attention, each beside a PyTorch reference.
 
-Families: lightning (linear) attention. Every op takes ``backend="auto" | "triton" |
+Families: lightning (linear) attention, neighborhood / generalized neighborhood attention. Every op takes ``backend="auto" | "triton" |
 "reference"``; auto runs Triton on CUDA tensors and the reference on CPU tensors.
 Importing subquad initialises no GPU and compiles nothing.
 """
 
 from .lightning import lightning_attention, lightning_slopes
+from .neighborhood import na1d, na2d, na3d, neighborhood_attention, neighborhood_speedup_bound
 
 __version__ = "0.1.0"
-__all__ = ["lightning_attention", "lightning_slopes"]
+__all__ = [
+    "lightning_attention", "lightning_slopes",
+    "neighborhood_attention", "na1d", "na2d", "na3d", "neighborhood_speedup_bound",
+]

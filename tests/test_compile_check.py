@@ -1,0 +1,170 @@
+"""Static compile check (``python -m subquad.autotune check``): the parsers on canned tool output,
+the cache subcommand, and the real check of every kernel's default config (the one used without
+tuning) for sm_80 and sm_90, fp16 and bf16, head dims 64 and 128 (``SUBQUAD_CHECK_HEAD_DIMS``),
+compiled without a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from subquad.autotune import check
+from subquad.autotune.__main__ import main as cli_main
+
+RESOURCE_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _fwd_kernel:
+  REG:255 STACK:1368 SHARED:1024 LOCAL:8 CONSTANT[0]:448 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _helper:
+  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS = """
+\tcode for sm_90a
+\t\tFunction : _fwd_kernel
+        /*cff0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT ;   /* 0x00e00000101879f0 */
+                                                                                          /* 0x000fe20008000818 */
+        /*d000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR44], R24 ;        /* 0x00e000002c1879f0 */
+        /*d010*/               @P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;                  /* 0x0000000c0804723c */
+        /*d020*/                   FFMA R0, R1, R2, R0 ;                                  /* 0x0000000201007223 */
+        /*d030*/                   MOV R5, 0x0 ;  // HMMA in a comment does not count   /* 0x0000000000057802 */
+"""
+
+TTIR = """
+    %a = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<64x64xf16> * tensor<64x64xf16> -> tensor<64x64xf32> loc(#l1)
+    %b = tt.dot %x, %s, %c, inputPrecision = tf32 : tensor<64x64xf32> * tensor<64x64xf32> -> tensor<64x64xf32> loc(#l2)
+    %d = tt.dot %x, %s, %c : tensor<64x64xf32> * tensor<64x64xf32> -> tensor<64x64xf32> loc(#l3)
+"""
+
+
+def test_parse_resource_usage():
+    usage = check.parse_resource_usage(RESOURCE_USAGE)
+    assert set(usage) == {"_fwd_kernel", "_helper"}
+    k = usage["_fwd_kernel"]
+    assert (k["REG"], k["STACK"], k["SHARED"], k["LOCAL"], k["CONSTANT[0]"]) == (255, 1368, 1024, 8, 448)
+    assert usage["_helper"]["REG"] == 40
+    # one-line form
+    one = check.parse_resource_usage("Function f: REG:32 STACK:0 SHARED:16 LOCAL:0")
+    assert one == {"f": {"REG": 32, "STACK": 0, "SHARED": 16, "LOCAL": 0}}
+
+
+def test_count_tensor_core_ops_and_dots():
+    ops = check.count_tensor_core_ops(SASS)
+    assert ops["HGMMA"] == 2 and ops["HMMA"] == 1 and sum(ops.values()) == 3
+    # fp16 dot and tf32 dot go to tensor cores; the IEEE fp32 dot does not.
+    assert check.tensor_core_dots(TTIR) == (3, 2)
+
+
+def test_verdicts():
+    base = dict(family="f", kernel="k", config="c", arch="sm_80", dtype="float16", K=64, V=64)
+    good = dict(regs=128, stack=0, local=0, smem_static=0, smem_dynamic=1000, smem=1000, smem_limit=166912,
+                hmma=4, hgmma=0, mma=4, dots=1, tc_dots=1)
+    assert check._finish(dict(base, default=True), True, **good)["status"] == "PASS"
+    spill = dict(good, stack=56)
+    assert check._finish(dict(base, default=True), True, **spill)["status"] == "FAIL"
+    assert check._finish(dict(base, default=False), True, **spill)["status"] == "PRUNED"
+    smem = dict(good, smem=200000)
+    assert check._finish(dict(base, default=True), True, **smem)["status"] == "FAIL"
+    no_tc = dict(good, mma=0, hmma=0)
+    assert check._finish(dict(base, default=True), True, **no_tc)["status"] == "FAIL"
+    fp32 = dict(good, mma=0, hmma=0, tc_dots=0)  # IEEE fp32 dots: FMA by design
+    assert check._finish(dict(base, default=True), True, **fp32)["status"] == "PASS"
+    assert check._finish(dict(base, default=True), False, error="boom")["status"] == "FAIL"
+
+
+def test_cache_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "autotune.json"
+    assert cli_main(["cache"]) == 0
+    assert "no cache file" in capsys.readouterr().out
+    entry = {"config": {"kw": {"BT": 64, "BV": 32}, "num_warps": 4, "num_stages": 2},
+             "ms": {"BT64_BV32_w4_s2": 0.5, "BT64_BV64_w8_s2": "failed: OutOfResources"}}
+    path.write_text(json.dumps({"NVIDIA H100|triton-3.6.0|lightning_fwd|bfloat16-128-128-True": entry}))
+    assert cli_main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(path) in out and "lightning_fwd" in out and "BT=64 BV=32" in out and "0.5000 ms" in out
+    assert cli_main(["cache", "--clear"]) == 0
+    assert not path.exists()
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _expected_kernels(dtype, K, V):
+    import importlib
+
+    names = set()
+    for fam in check.FAMILIES:
+        mod = importlib.import_module(f"subquad.kernels.{fam}")
+        if hasattr(mod, "compile_specs"):
+            names |= {spec[0].kernel for spec in mod.compile_specs(dtype, K, V)}
+    return names
+
+
+def _cuobjdump_available():
+    try:
+        check._cuobjdump()
+        return sys.platform.startswith("linux")
+    except Exception:
+        return False
+
+
+# 64 and 128 cost about 2 minutes on 2 cores with a cold triton cache; 256 would add about 1.5 more
+# (SUBQUAD_CHECK_HEAD_DIMS=64,128,256 to include it; the full space: python -m subquad.autotune check).
+DIMS = tuple(int(d) for d in os.environ.get("SUBQUAD_CHECK_HEAD_DIMS", "64,128").split(",") if d.strip())
+DTYPES = ("float16", "bfloat16")
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs the cuobjdump of the triton wheel (Linux)")
+def test_default_configs_compile_clean(tmp_path):
+    """Every kernel's default config compiles for sm_80 and sm_90 with no spills, fits shared memory
+    and uses tensor cores for its dots."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "-m", "subquad.autotune", "check", "--used-only", "--quiet",
+           "--head-dims", ",".join(map(str, DIMS)), "--dtypes", ",".join(DTYPES), "--archs", "80,90",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    failing = [f"{r['kernel']} {r['config']} {r['arch']} {r['dtype']} {r['K']}x{r['V']}: {r['reasons']}"
+               for r in rows if r["status"] != "PASS"]
+    assert not failing, "\n".join(failing) + "\n" + report
+    assert proc.returncode == 0, report
+    seen = {(r["kernel"], r["arch"], r["dtype"], r["K"]) for r in rows}
+    for dtype in DTYPES:
+        for d in DIMS:
+            for kernel in _expected_kernels(dtype, d, d):
+                for arch in ARCHS:
+                    assert (kernel, arch, dtype, d) in seen, f"no row for {kernel} {arch} {dtype} {d}"
+    for r in rows:
+        assert r["default"] and r["compiled"] and r["regs"] > 0, r
+        assert r["stack"] == 0 and r["local"] == 0, r
+        assert r["smem"] <= r["smem_limit"], r
+        if r["tc_dots"]:
+            assert r["mma"] > 0, r
+    # the lightning chunk kernels are all dot kernels: make sure that was detected
+    for r in rows:
+        if r["kernel"] in ("lightning_fwd", "lightning_bwd_dq", "lightning_bwd_dkdv"):
+            assert r["tc_dots"] > 0 and r["mma"] > 0, r
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs the cuobjdump of the triton wheel (Linux)")
+def test_check_leaves_the_interpreter(tmp_path):
+    """Under TRITON_INTERPRET=1 the CLI re-runs itself without it (kernels must be JITFunctions)."""
+    out = tmp_path / "check.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "subquad.autotune", "check", "--used-only", "--quiet", "--kernels",
+           "lightning_recurrent", "--head-dims", "32", "--dtypes", "float16", "--archs", "80", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["status"]) for r in rows] == [("lightning_recurrent", "PASS")]
+    assert "| lightning_recurrent |" in proc.stdout

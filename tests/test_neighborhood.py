@@ -1,0 +1,96 @@
+"""Neighborhood attention kernels vs the reference: forward and dq/dk/dv, 1-D/2-D/3-D, odd sizes
+leaving partial tiles, even and odd windows, stride, dilation, causal per dim, GQA."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import subquad
+from subquad.reference import neighborhood as ref
+
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _grads(fn, q, k, v, do):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves)
+    return (o,) + torch.autograd.grad((o.double() * do.double()).sum(), leaves)
+
+
+def _check(B, spatial, H, Hkv, D, ks, ss, ds, cs, dtype):
+    q = randn(B, *spatial, H, D, dtype=dtype, seed=1)
+    k = randn(B, *spatial, Hkv, D, dtype=dtype, seed=2)
+    v = randn(B, *spatial, Hkv, D, dtype=dtype, seed=3)
+    kw = dict(stride=ss, dilation=ds, is_causal=cs)
+    do = torch.randn(q.shape, dtype=torch.float32, device=DEVICE)
+    got = _grads(lambda a, b, c: subquad.neighborhood_attention(a, b, c, ks, backend="triton", **kw), q, k, v, do)
+    low = _grads(lambda a, b, c: subquad.neighborhood_attention(a, b, c, ks, backend="reference", **kw), q, k, v, do)
+    exact = _grads(lambda a, b, c: ref.neighborhood_attention_naive(a, b, c, ks, ss, ds, cs), q, k, v, do)
+    assert got[0].dtype == dtype
+    for name, a, b, c in zip(["o", "dq", "dk", "dv"], got, exact, low):
+        assert_close(name, a, b, c)
+
+
+# (B, spatial, H, Hkv, D, kernel_size, stride, dilation, is_causal): hand-picked corners
+CASES = [
+    (2, (37,), 2, 1, 16, 5, 1, 1, False),          # 1-D, partial last tile, GQA
+    (1, (64,), 1, 1, 32, 64, 1, 1, False),         # window = whole sequence (dense)
+    (1, (70,), 2, 2, 16, 6, 3, 2, False),          # even window, stride, dilation with unequal groups
+    (1, (67,), 2, 1, 16, 7, 7, 1, False),          # stride = window (fully block-sparse)
+    (1, (65,), 1, 1, 24, 9, 2, 3, True),           # causal + stride + dilation, head dim not pow2
+    (1, (11, 13), 2, 1, 16, (3, 4), (1, 2), (2, 1), (False, True)),
+    (1, (9, 10), 1, 1, 16, 5, 5, 1, False),
+    (1, (5, 6, 7), 2, 1, 16, (2, 3, 3), (1, 2, 3), (2, 1, 2), (True, False, False)),
+]
+
+
+def _id(c):
+    B, sp, H, Hkv, D, ks, ss, ds, cs = c
+    return f"n{'x'.join(map(str, sp))}-H{H}/{Hkv}-D{D}-k{ks}-s{ss}-d{ds}-c{cs}".replace(" ", "")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_kernel_matches_reference(case, dtype):
+    _check(*case, dtype)
+
+
+def _random_case(rng: random.Random, nd: int):
+    spatial, ks, ss, ds, cs = [], [], [], [], []
+    for _ in range(nd):
+        k = rng.randint(2, 5 if nd == 3 else 7)
+        d = rng.randint(1, 2)
+        n = rng.randint(k * d, k * d + (3 if nd == 3 else 17))
+        spatial.append(n)
+        ks.append(k)
+        ss.append(rng.randint(1, k))
+        ds.append(d)
+        cs.append(rng.random() < 0.3)
+    H, Hkv = rng.choice([(1, 1), (2, 1), (2, 2)])
+    return (1, tuple(spatial), H, Hkv, 16, tuple(ks), tuple(ss), tuple(ds), tuple(cs))
+
+
+RANDOM = [_random_case(random.Random(seed), nd) for nd, seeds in ((1, range(6)), (2, range(3)), (3, range(2)))
+          for seed in seeds]
+
+
+@pytest.mark.parametrize("case", RANDOM, ids=[_id(c) for c in RANDOM])
+def test_random_sweep(case):
+    _check(*case, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("case", [
+    (2, (1000,), 4, 2, 128, 65, 1, 1, False),
+    (1, (4097,), 2, 1, 64, 512, 128, 1, True),
+    (1, (45, 67), 4, 4, 128, (13, 11), (1, 3), (2, 1), (False, False)),
+    (1, (12, 20, 24), 2, 1, 64, (5, 6, 7), (2, 3, 1), (1, 2, 1), (True, False, False)),
+], ids=_id)
+def test_kernel_large(case, dtype):
+    _check(*case, dtype)
