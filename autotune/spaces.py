@@ -58,9 +58,9 @@ LIGHTNING_RECURRENT = Tuner(
 LIGHTNING_BWD_DQ = Tuner(
     "lightning_bwd_dq",
     [
-        _c(4, 2, BT=64, BK=64, BV=32),
-        _c(8, 2, BT=64, BK=64, BV=64),
         _c(4, 2, BT=32, BK=64, BV=64),
+        _c(8, 2, BT=64, BK=64, BV=64),
+        _c(4, 2, BT=64, BK=64, BV=32),
         _c(4, 2, BT=32, BK=64, BV=32),
         _c(8, 2, BT=64, BK=128, BV=32),
         _c(4, 1, BT=64, BK=64, BV=32),
