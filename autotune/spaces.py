@@ -58,6 +58,7 @@ LIGHTNING_RECURRENT = Tuner(
 LIGHTNING_BWD_DQ = Tuner(
     "lightning_bwd_dq",
     [
+        _c(4, 2, BT=32, BK=64, BV=32),
         _c(4, 2, BT=32, BK=64, BV=64),
         _c(8, 2, BT=64, BK=64, BV=64),
         _c(4, 2, BT=64, BK=64, BV=32),
@@ -102,33 +103,48 @@ def _na_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
     return acc_tiles * rows * pow2(D) <= 128 * 32 * cfg.num_warps
 
 
-_NA_SPACE = [
+_NA_Q_SPACE = [
     # 1-D
+    _na(8, 2, (1, 1, 64), (1, 1, 64)),
     _na(4, 2, (1, 1, 64), (1, 1, 64)),
     _na(8, 2, (1, 1, 128), (1, 1, 64)),
     _na(8, 3, (1, 1, 128), (1, 1, 64)),
     _na(8, 2, (1, 1, 128), (1, 1, 128)),
     _na(4, 2, (1, 1, 64), (1, 1, 32)),
     # 2-D
+    _na(8, 2, (1, 8, 8), (1, 8, 8)),
     _na(4, 2, (1, 8, 8), (1, 8, 8)),
     _na(8, 2, (1, 16, 8), (1, 8, 8)),
     _na(8, 2, (1, 16, 8), (1, 16, 8)),
     _na(8, 2, (1, 8, 16), (1, 8, 8)),
     _na(4, 2, (1, 8, 8), (1, 4, 8)),
     # 3-D
+    _na(8, 2, (4, 4, 4), (4, 4, 4)),
     _na(4, 2, (4, 4, 4), (4, 4, 4)),
     _na(8, 2, (2, 8, 8), (2, 4, 8)),
     _na(8, 2, (4, 4, 8), (4, 4, 4)),
     _na(4, 2, (2, 4, 8), (2, 4, 4)),
 ]
 
-NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_SPACE, lambda c, b: _na_valid(c, b, 1))
-NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_SPACE, lambda c, b: _na_valid(c, b, 1))
-# dK/dV holds two fp32 accumulators per KV tile: its defaults take 8 warps.
-NEIGHBORHOOD_BWD_DKDV = Tuner(
-    "neighborhood_bwd_dkdv",
-    [_na(8, 2, (1, 1, 64), (1, 1, 64)), _na(8, 2, (1, 8, 8), (1, 8, 8)), _na(8, 2, (4, 4, 4), (4, 4, 4))] + _NA_SPACE,
-    lambda c, b: _na_valid(c, b, 2))
+# dK/dV holds two fp32 accumulators per KV tile: smaller KV tiles first.
+_NA_KV_SPACE = [
+    _na(4, 2, (1, 1, 32), (1, 1, 32)),
+    _na(8, 2, (1, 1, 64), (1, 1, 32)),
+    _na(8, 2, (1, 1, 64), (1, 1, 64)),
+    _na(8, 2, (1, 1, 128), (1, 1, 64)),
+    _na(4, 2, (1, 4, 8), (1, 4, 8)),
+    _na(8, 2, (1, 8, 8), (1, 4, 8)),
+    _na(8, 2, (1, 8, 8), (1, 8, 8)),
+    _na(8, 2, (1, 16, 8), (1, 8, 8)),
+    _na(4, 2, (2, 4, 4), (2, 4, 4)),
+    _na(8, 2, (4, 4, 4), (2, 4, 4)),
+    _na(8, 2, (4, 4, 4), (4, 4, 4)),
+    _na(8, 2, (2, 8, 8), (2, 4, 8)),
+]
+
+NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
+NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
+NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_KV_SPACE, lambda c, b: _na_valid(c, b, 2))
 
 LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
 NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]
