@@ -126,24 +126,31 @@ _NA_Q_SPACE = [
     _na(4, 2, (2, 4, 8), (2, 4, 4)),
 ]
 
-# dK/dV holds two fp32 accumulators per KV tile: smaller KV tiles first.
+# dQ: a narrower KV tile than the forward's keeps dS and the recomputed P within registers.
+_NA_DQ_SPACE = [
+    _na(4, 2, (1, 1, 64), (1, 1, 32)),
+    _na(4, 2, (1, 8, 8), (1, 4, 8)),
+    _na(4, 2, (2, 4, 8), (2, 4, 4)),
+] + _NA_Q_SPACE
+
+# dK/dV holds two fp32 accumulators per KV tile: small tiles, and no software pipelining by
+# default (num_stages=1: it spills less on sm_80, and triton 3.6 fails to compile the pipelined
+# 1-D variant for sm_90 in its TritonGPUCoalesceAsyncCopy pass).
 _NA_KV_SPACE = [
-    _na(4, 2, (1, 1, 32), (1, 1, 32)),
+    _na(8, 1, (1, 1, 32), (1, 1, 32)),
+    _na(4, 1, (1, 4, 8), (1, 4, 8)),
+    _na(4, 1, (2, 4, 4), (2, 4, 4)),
+    _na(4, 1, (1, 1, 16), (1, 1, 32)),
+    _na(4, 1, (1, 1, 32), (1, 1, 16)),
+    _na(4, 1, (1, 1, 32), (1, 1, 32)),
     _na(8, 2, (1, 1, 64), (1, 1, 32)),
-    _na(8, 2, (1, 1, 64), (1, 1, 64)),
-    _na(8, 2, (1, 1, 128), (1, 1, 64)),
-    _na(4, 2, (1, 4, 8), (1, 4, 8)),
+    _na(8, 1, (1, 8, 8), (1, 4, 8)),
     _na(8, 2, (1, 8, 8), (1, 4, 8)),
-    _na(8, 2, (1, 8, 8), (1, 8, 8)),
-    _na(8, 2, (1, 16, 8), (1, 8, 8)),
-    _na(4, 2, (2, 4, 4), (2, 4, 4)),
-    _na(8, 2, (4, 4, 4), (2, 4, 4)),
-    _na(8, 2, (4, 4, 4), (4, 4, 4)),
-    _na(8, 2, (2, 8, 8), (2, 4, 8)),
+    _na(8, 1, (4, 4, 4), (2, 4, 4)),
 ]
 
 NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
-NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
+NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_DQ_SPACE, lambda c, b: _na_valid(c, b, 1))
 NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_KV_SPACE, lambda c, b: _na_valid(c, b, 2))
 
 LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]

@@ -15,6 +15,24 @@ def _qkv(B=1, T=8, H=2, K=16, V=16, dtype=torch.float32):
             torch.randn(B, T, H, V, dtype=dtype, device=DEVICE))
 
 
+# every tensor of a case lives on the test device, so each case fails on its own check, not on
+# a device mismatch
+def _randn(*a, **kw):
+    return torch.randn(*a, device=DEVICE, **kw)
+
+
+def _ones(*a, **kw):
+    return torch.ones(*a, device=DEVICE, **kw)
+
+
+def _zeros(*a, **kw):
+    return torch.zeros(*a, device=DEVICE, **kw)
+
+
+def _tensor(*a, **kw):
+    return torch.tensor(*a, device=DEVICE, **kw)
+
+
 def _call(q=None, k=None, v=None, decay=None, **kw):
     q0, k0, v0 = _qkv()
     kw.setdefault("backend", "triton")
@@ -23,37 +41,37 @@ def _call(q=None, k=None, v=None, decay=None, **kw):
 
 
 CASES = [
-    ("q rank", lambda: _call(q=torch.randn(8, 2, 16)), ValueError, "q must have 4 dims"),
-    ("v rank", lambda: _call(v=torch.randn(1, 1, 8, 2, 16)), ValueError, "v must have 4 dims"),
+    ("q rank", lambda: _call(q=_randn(8, 2, 16)), ValueError, "q must have 4 dims"),
+    ("v rank", lambda: _call(v=_randn(1, 1, 8, 2, 16)), ValueError, "v must have 4 dims"),
     ("q type", lambda: _call(q=[1.0]), TypeError, "q must be a torch.Tensor"),
-    ("int tensor", lambda: _call(q=torch.ones(1, 8, 2, 16, dtype=torch.int64)), TypeError, "q must have dtype"),
-    ("fp64 unsupported", lambda: _call(q=torch.randn(1, 8, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
-    ("mixed dtypes", lambda: _call(k=torch.randn(1, 8, 2, 16, dtype=torch.float16)), TypeError, "k must have the dtype of q"),
-    ("B mismatch", lambda: _call(k=torch.randn(2, 8, 2, 16)), ValueError, "k must have q's [B, T, H]"),
-    ("T mismatch", lambda: _call(v=torch.randn(1, 9, 2, 16)), ValueError, "v must have q's [B, T, H]"),
-    ("H mismatch", lambda: _call(v=torch.randn(1, 8, 3, 16)), ValueError, "v must have q's [B, T, H]"),
-    ("K mismatch", lambda: _call(k=torch.randn(1, 8, 2, 32)), ValueError, "k must have q's head dim K=16"),
-    ("K too small for triton", lambda: _call(q=torch.randn(1, 8, 2, 8), k=torch.randn(1, 8, 2, 8)), ValueError,
+    ("int tensor", lambda: _call(q=_ones(1, 8, 2, 16, dtype=torch.int64)), TypeError, "q must have dtype"),
+    ("fp64 unsupported", lambda: _call(q=_randn(1, 8, 2, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
+    ("mixed dtypes", lambda: _call(k=_randn(1, 8, 2, 16, dtype=torch.float16)), TypeError, "k must have the dtype of q"),
+    ("B mismatch", lambda: _call(k=_randn(2, 8, 2, 16)), ValueError, "k must have q's [B, T, H]"),
+    ("T mismatch", lambda: _call(v=_randn(1, 9, 2, 16)), ValueError, "v must have q's [B, T, H]"),
+    ("H mismatch", lambda: _call(v=_randn(1, 8, 3, 16)), ValueError, "v must have q's [B, T, H]"),
+    ("K mismatch", lambda: _call(k=_randn(1, 8, 2, 32)), ValueError, "k must have q's head dim K=16"),
+    ("K too small for triton", lambda: _call(q=_randn(1, 8, 2, 8), k=_randn(1, 8, 2, 8)), ValueError,
      "head dim K must be in [16, 256]"),
-    ("V too large for triton", lambda: _call(v=torch.randn(1, 8, 2, 300)), ValueError, "head dim V must be in [16, 256]"),
-    ("decay shape", lambda: _call(decay=torch.ones(3)), ValueError, "decay must have shape [H] = [2]"),
-    ("decay rank", lambda: _call(decay=torch.ones(2, 1)), ValueError, "decay must have 1 dims"),
-    ("decay negative", lambda: _call(decay=torch.tensor([0.1, -0.2])), ValueError, "decay rates must be finite and >= 0"),
-    ("decay nan", lambda: _call(decay=torch.tensor([0.1, float("nan")])), ValueError, "decay rates must be finite"),
-    ("decay int", lambda: _call(decay=torch.tensor([1, 2])), TypeError, "decay must have dtype"),
-    ("decay learnable", lambda: _call(decay=torch.ones(2, requires_grad=True)), ValueError, "not learnable"),
-    ("state shape", lambda: _call(initial_state=torch.zeros(1, 2, 16, 17)), ValueError,
+    ("V too large for triton", lambda: _call(v=_randn(1, 8, 2, 300)), ValueError, "head dim V must be in [16, 256]"),
+    ("decay shape", lambda: _call(decay=_ones(3)), ValueError, "decay must have shape [H] = [2]"),
+    ("decay rank", lambda: _call(decay=_ones(2, 1)), ValueError, "decay must have 1 dims"),
+    ("decay negative", lambda: _call(decay=_tensor([0.1, -0.2])), ValueError, "decay rates must be finite and >= 0"),
+    ("decay nan", lambda: _call(decay=_tensor([0.1, float("nan")])), ValueError, "decay rates must be finite"),
+    ("decay int", lambda: _call(decay=_tensor([1, 2])), TypeError, "decay must have dtype"),
+    ("decay learnable", lambda: _call(decay=_ones(2, requires_grad=True)), ValueError, "not learnable"),
+    ("state shape", lambda: _call(initial_state=_zeros(1, 2, 16, 17)), ValueError,
      "initial_state must have shape [N, H, K, V] = (1, 2, 16, 16)"),
-    ("state int", lambda: _call(initial_state=torch.zeros(1, 2, 16, 16, dtype=torch.int32)), TypeError,
+    ("state int", lambda: _call(initial_state=_zeros(1, 2, 16, 16, dtype=torch.int32)), TypeError,
      "initial_state must have dtype"),
     ("cu not tensor", lambda: _call(cu_seqlens=[0, 8]), TypeError, "cu_seqlens must be a torch.Tensor"),
-    ("cu float", lambda: _call(cu_seqlens=torch.tensor([0.0, 8.0])), TypeError, "cu_seqlens must be an int32 or int64"),
-    ("cu 2-D", lambda: _call(cu_seqlens=torch.tensor([[0, 8]])), ValueError, "cu_seqlens must be 1-D"),
-    ("cu start", lambda: _call(cu_seqlens=torch.tensor([1, 8])), ValueError, "cu_seqlens must start at 0"),
-    ("cu decreasing", lambda: _call(cu_seqlens=torch.tensor([0, 5, 3, 8])), ValueError, "non-decreasing"),
-    ("cu end", lambda: _call(cu_seqlens=torch.tensor([0, 5, 7])), ValueError, "cu_seqlens must end at T=8"),
-    ("cu with B>1", lambda: _call(*_qkv(B=2), cu_seqlens=torch.tensor([0, 8])), ValueError, "B == 1"),
-    ("cu state rows", lambda: _call(cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.zeros(1, 2, 16, 16)),
+    ("cu float", lambda: _call(cu_seqlens=_tensor([0.0, 8.0])), TypeError, "cu_seqlens must be an int32 or int64"),
+    ("cu 2-D", lambda: _call(cu_seqlens=_tensor([[0, 8]])), ValueError, "cu_seqlens must be 1-D"),
+    ("cu start", lambda: _call(cu_seqlens=_tensor([1, 8])), ValueError, "cu_seqlens must start at 0"),
+    ("cu decreasing", lambda: _call(cu_seqlens=_tensor([0, 5, 3, 8])), ValueError, "non-decreasing"),
+    ("cu end", lambda: _call(cu_seqlens=_tensor([0, 5, 7])), ValueError, "cu_seqlens must end at T=8"),
+    ("cu with B>1", lambda: _call(*_qkv(B=2), cu_seqlens=_tensor([0, 8])), ValueError, "B == 1"),
+    ("cu state rows", lambda: _call(cu_seqlens=_tensor([0, 3, 8]), initial_state=_zeros(1, 2, 16, 16)),
      ValueError, "initial_state must have shape [N, H, K, V] = (2, 2, 16, 16)"),
     ("scale type", lambda: _call(scale="0.5"), TypeError, "scale must be a float"),
     ("scale nan", lambda: _call(scale=float("nan")), ValueError, "scale must be finite"),
