@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -12,6 +14,23 @@ from .reference import lightning as _ref
 __all__ = ["lightning_attention", "lightning_slopes"]
 
 lightning_slopes = _ref.lightning_slopes
+
+
+# Decay tensors whose values were checked, by identity (weak reference) and version counter: a
+# decoding loop passes the same decay every step, and checking its values on a GPU costs a device
+# sync. A new tensor, or an in-place change of a checked one, is checked again.
+_CHECKED_DECAYS: "OrderedDict[int, tuple]" = OrderedDict()
+
+
+def _check_decay_values(decay: torch.Tensor) -> None:
+    seen = _CHECKED_DECAYS.get(id(decay))
+    if seen is not None and seen[0]() is decay and seen[1] == decay._version:
+        return
+    if not bool(torch.isfinite(decay).all()) or bool((decay < 0).any()):
+        raise ValueError(f"decay rates must be finite and >= 0, got {decay.tolist()}")
+    _CHECKED_DECAYS[id(decay)] = (weakref.ref(decay), decay._version)
+    if len(_CHECKED_DECAYS) > 64:
+        _CHECKED_DECAYS.popitem(last=False)
 
 
 def _check_cu_seqlens(cu_seqlens, B: int, T: int):
@@ -100,8 +119,7 @@ def lightning_attention(
                              "(pass decay.detach())")
         if decay.device != q.device:
             raise ValueError(f"decay must be on q's device ({q.device}), got {decay.device}")
-        if not bool(torch.isfinite(decay).all()) or bool((decay < 0).any()):
-            raise ValueError(f"decay rates must be finite and >= 0, got {decay.tolist()}")
+        _check_decay_values(decay)
     N = B
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, B, T)

@@ -108,3 +108,12 @@ def test_mixed_devices():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="k must be on the device of q"):
         subquad.lightning_attention(q, k.cpu(), v)
+
+
+def test_decay_values_rechecked_after_in_place_change():
+    """The value check of decay is skipped for a tensor already checked, unless it was modified."""
+    d = torch.tensor([0.1, 0.2], device=DEVICE)
+    _call(decay=d, backend="reference")
+    d[1] = -1.0  # bumps the version counter: checked again
+    with pytest.raises(ValueError, match="decay rates must be finite and >= 0"):
+        _call(decay=d, backend="reference")
