@@ -69,8 +69,23 @@ def _split3(x, A1, A2):
 
 
 @triton.jit
-def _group_len(n, d, g):
-    return (n - g + d - 1) // d
+def _group(gidx, n0, n1, n2, d0, d1, d2):
+    """Dilation group of program axis gidx: per dim its offset g and its length ceil((n - g) / d)."""
+    g0, g1, g2 = _split3(gidx, d1, d2)
+    return g0, g1, g2, (n0 - g0 + d0 - 1) // d0, (n1 - g1 + d1 - 1) // d1, (n2 - g2 + d2 - 1) // d2
+
+
+@triton.jit
+def _box(t0, t1, t2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, ng0, ng1, ng2, g0, g1, g2,
+         d0, d1, d2, n1, n2):
+    """Box tile (t0, t1, t2) of T0 x T1 x T2 in-group positions: coordinates, validity, flat token."""
+    l0, l1, l2 = _split3(tl.arange(0, T0 * T1 * T2), T1, T2)
+    c0 = t0 * T0 + l0
+    c1 = t1 * T1 + l1
+    c2 = t2 * T2 + l2
+    ok = (c0 < ng0) & (c1 < ng1) & (c2 < ng2)
+    tok = ((c0 * d0 + g0) * n1 + (c1 * d1 + g1)) * n2 + (c2 * d2 + g2)
+    return c0, c1, c2, ok, tok
 
 
 @triton.jit
@@ -85,7 +100,6 @@ def _na_q_kernel(
 ):
     """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) for one query tile."""
     BM: tl.constexpr = TQ0 * TQ1 * TQ2
-    BN: tl.constexpr = TK0 * TK1 * TK2
     pid_t = tl.program_id(0)
     gidx = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -93,10 +107,7 @@ def _na_q_kernel(
     h = pid_bh % H
     hk = h // GROUP
     Hkv = H // GROUP
-    g0, g1, g2 = _split3(gidx, d1, d2)
-    ng0 = _group_len(n0, d0, g0)
-    ng1 = _group_len(n1, d1, g1)
-    ng2 = _group_len(n2, d2, g2)
+    g0, g1, g2, ng0, ng1, ng2 = _group(gidx, n0, n1, n2, d0, d1, d2)
     t0, t1, t2 = _split3(pid_t, nt1, nt2)
     if (t0 * TQ0 >= ng0) | (t1 * TQ1 >= ng1) | (t2 * TQ2 >= ng2):
         return  # this group is shorter than the longest one
@@ -105,13 +116,7 @@ def _na_q_kernel(
     d_ok = offs_d < D
 
     # the query tile: coordinates, rows, windows
-    r = tl.arange(0, BM)
-    l0, l1, l2 = _split3(r, TQ1, TQ2)
-    qc0 = t0 * TQ0 + l0
-    qc1 = t1 * TQ1 + l1
-    qc2 = t2 * TQ2 + l2
-    q_ok = (qc0 < ng0) & (qc1 < ng1) & (qc2 < ng2)
-    tok = ((qc0 * d0 + g0) * n1 + (qc1 * d1 + g1)) * n2 + (qc2 * d2 + g2)
+    qc0, qc1, qc2, q_ok, tok = _box(t0, t1, t2, TQ0, TQ1, TQ2, ng0, ng1, ng2, g0, g1, g2, d0, d1, d2, n1, n2)
     stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
     q_rows = stat_rows * D
     st0, en0 = _window(qc0, ng0, k0, s0, c0)
@@ -142,18 +147,12 @@ def _na_q_kernel(
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
 
-    rn = tl.arange(0, BN)
-    m0, m1, m2 = _split3(rn, TK1, TK2)
     for j in range(0, cnt0 * cnt1 * cnt2):
         j0, j1, j2 = _split3(j, cnt1, cnt2)
         kt0 = lo0 + j0
         kt1 = lo1 + j1
         kt2 = lo2 + j2
-        kc0 = kt0 * TK0 + m0
-        kc1 = kt1 * TK1 + m1
-        kc2 = kt2 * TK2 + m2
-        k_ok = (kc0 < ng0) & (kc1 < ng1) & (kc2 < ng2)
-        ktok = ((kc0 * d0 + g0) * n1 + (kc1 * d1 + g1)) * n2 + (kc2 * d2 + g2)
+        kc0, kc1, kc2, k_ok, ktok = _box(kt0, kt1, kt2, TK0, TK1, TK2, ng0, ng1, ng2, g0, g1, g2, d0, d1, d2, n1, n2)
         k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
         kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
@@ -196,7 +195,6 @@ def _na_kv_kernel(
     PREC: tl.constexpr,
 ):
     """dK, dV of one KV tile (of one KV head), over the query tiles and query heads that use it."""
-    BM: tl.constexpr = TQ0 * TQ1 * TQ2
     BN: tl.constexpr = TK0 * TK1 * TK2
     pid_t = tl.program_id(0)
     gidx = tl.program_id(1)
@@ -204,10 +202,7 @@ def _na_kv_kernel(
     Hkv = H // GROUP
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    g0, g1, g2 = _split3(gidx, d1, d2)
-    ng0 = _group_len(n0, d0, g0)
-    ng1 = _group_len(n1, d1, g1)
-    ng2 = _group_len(n2, d2, g2)
+    g0, g1, g2, ng0, ng1, ng2 = _group(gidx, n0, n1, n2, d0, d1, d2)
     t0, t1, t2 = _split3(pid_t, nt1, nt2)
     if (t0 * TK0 >= ng0) | (t1 * TK1 >= ng1) | (t2 * TK2 >= ng2):
         return
@@ -215,13 +210,7 @@ def _na_kv_kernel(
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
 
-    rn = tl.arange(0, BN)
-    m0, m1, m2 = _split3(rn, TK1, TK2)
-    kc0 = t0 * TK0 + m0
-    kc1 = t1 * TK1 + m1
-    kc2 = t2 * TK2 + m2
-    k_ok = (kc0 < ng0) & (kc1 < ng1) & (kc2 < ng2)
-    ktok = ((kc0 * d0 + g0) * n1 + (kc1 * d1 + g1)) * n2 + (kc2 * d2 + g2)
+    kc0, kc1, kc2, k_ok, ktok = _box(t0, t1, t2, TK0, TK1, TK2, ng0, ng1, ng2, g0, g1, g2, d0, d1, d2, n1, n2)
     k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
     k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
     v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
@@ -244,8 +233,6 @@ def _na_kv_kernel(
 
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
-    r = tl.arange(0, BM)
-    l0, l1, l2 = _split3(r, TQ1, TQ2)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         for j in range(0, cnt0 * cnt1 * cnt2):
@@ -253,11 +240,8 @@ def _na_kv_kernel(
             qt0 = lo0 + j0
             qt1 = lo1 + j1
             qt2 = lo2 + j2
-            qc0 = qt0 * TQ0 + l0
-            qc1 = qt1 * TQ1 + l1
-            qc2 = qt2 * TQ2 + l2
-            q_ok = (qc0 < ng0) & (qc1 < ng1) & (qc2 < ng2)
-            tok = ((qc0 * d0 + g0) * n1 + (qc1 * d1 + g1)) * n2 + (qc2 * d2 + g2)
+            qc0, qc1, qc2, q_ok, tok = _box(qt0, qt1, qt2, TQ0, TQ1, TQ2, ng0, ng1, ng2, g0, g1, g2,
+                                            d0, d1, d2, n1, n2)
             stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
             qt = load_rows(Q, stat_rows * D, q_ok, offs_d, d_ok)
             dot_ = load_rows(DO, stat_rows * D, q_ok, offs_d, d_ok)
