@@ -11,7 +11,8 @@
 #   5. $OUT/bench.log    python3 -m bench --out $OUT: kernel-vs-reference check, then the quick
 #                        GPU benchmark = bench/lightning.py --quick                 (BENCH_TIMEOUT=290,
 #                        results: $OUT/lightning_cuda.json .md .png                  BENCH_BUDGET=240)
-#   6. $OUT/pytest-bench.log  pytest bench --benchmark-only, FLA cases left out    (PYBENCH_TIMEOUT=30)
+#   6. appended to $OUT/bench.log: pytest bench --benchmark-only, FLA left out   (PYBENCH_TIMEOUT=30)
+#      (one log: with neighborhood's .md, $OUT holds its limit of 8 files)
 #   7. $OUT/autotune.json     the configs the autotuner chose on this GPU
 # Worst case about 8 minutes (caps 150 + 290 + 30 s plus set-up); run it with timeout_s=600.
 # The benchmark writes its JSON/MD/PNG after every row, so a run cut short keeps what it measured;
@@ -94,8 +95,9 @@ bench_rc=${PIPESTATUS[0]}
 # 6. pytest-benchmark plumbing (synchronised GPU timing); FLA left out: it would re-tune here
 say "pytest bench --benchmark-only (cap ${PYBENCH_TIMEOUT}s)"
 timeout "$PYBENCH_TIMEOUT" python3 -m pytest bench --benchmark-only -q -p no:cacheprovider -k "not fla" \
-  --benchmark-columns=min,median,max,rounds 2>&1 | tee "$OUT/pytest-bench.log"
+  --benchmark-columns=min,median,max,rounds 2>&1 | tee "$OUT/pytest-bench.tmp"
 pybench_rc=${PIPESTATUS[0]}
+{ echo; echo "## pytest bench --benchmark-only"; cat "$OUT/pytest-bench.tmp"; } >> "$OUT/bench.log"
 
 # 7. tuned configs
 cp "$SUBQUAD_CACHE_DIR/autotune.json" "$OUT/autotune.json" 2> /dev/null || true
@@ -106,11 +108,12 @@ echo "=================== gpu_check summary ($(($(date +%s) - T0)) s) ==========
 sed -n '1p;3p' "$OUT/env.txt"
 echo "tests:        $(verdict "$tests_rc"): $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 echo "python -m bench: $(verdict "$bench_rc"): $(grep -E '^# correctness' "$OUT/bench.log" | tail -n 1)"
-echo "pytest-bench: $(verdict "$pybench_rc"): $(grep -E '(passed|failed|error)' "$OUT/pytest-bench.log" | tail -n 1)"
+echo "pytest-bench: $(verdict "$pybench_rc"): $(grep -E '(passed|failed|error)' "$OUT/pytest-bench.tmp" | tail -n 1)"
 if [ -f "$OUT/lightning_cuda.md" ]; then
   echo "lightning targets:"
   grep -E '^- (PASS|FAIL|n/a)' "$OUT/lightning_cuda.md"
   grep -A 12 '^Speed-up of subquad' "$OUT/lightning_cuda.md" | grep -E '^\| [0-9]'
 fi
+rm -f "$OUT/pytest-bench.tmp"
 echo "files in \$OUT: $(cd "$OUT" && echo *)"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
