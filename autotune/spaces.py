@@ -40,6 +40,7 @@ LIGHTNING_FWD = Tuner(
         _c(8, 2, BT=64, BK=128, BV=32),
         _c(4, 3, BT=64, BK=64, BV=32),
         _c(8, 2, BT=32, BK=128, BV=32),
+        _c(8, 2, BT=128, BK=64, BV=32),  # half the serial chunk steps, if it fits in registers
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
 )
@@ -65,6 +66,7 @@ LIGHTNING_BWD_DQ = Tuner(
         _c(4, 2, BT=32, BK=64, BV=32),
         _c(8, 2, BT=64, BK=128, BV=32),
         _c(4, 1, BT=64, BK=64, BV=32),
+        _c(8, 2, BT=128, BK=64, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
 )
