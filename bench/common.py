@@ -342,3 +342,57 @@ if __name__ == "__main__":
     # Child of cpu_case: python -m bench.common MODULE:FUNC KWARGS_JSON REPS
     _result = _run_case_here(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]))
     print(_RESULT_TAG + json.dumps(_result), flush=True)
+
+
+def timed_call(attn: Callable, q, k, v, do, mode: str, requires_grad: bool):
+    """(fn, leaves) for one measurement of ``attn(q, k, v)``: mode "fwd", "bwd" (backward of one
+    retained forward graph) or "fwdbwd". leaves: the tensors whose .grad must be reset between calls."""
+    leaves = [x.requires_grad_() for x in (q, k, v)] if requires_grad else []
+    if mode == "fwd":
+        return (lambda: attn(q, k, v)), leaves
+    if not requires_grad:
+        raise ValueError(f"mode {mode!r} needs requires_grad=True")
+    if mode == "fwdbwd":
+        return (lambda: attn(q, k, v).backward(do)), leaves
+    if mode == "bwd":
+        o = attn(q, k, v)
+        return (lambda: o.backward(do, retain_graph=True)), leaves
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def pytest_benchmark_run(benchmark, fn: Callable, leaves, rounds: int, group: str, **info) -> None:
+    """Time ``fn`` with pytest-benchmark: CUDA-synchronised on a GPU, .grad reset between rounds,
+    one untimed call first (compile / autotune)."""
+
+    def call():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def clear_grads():  # backward must not accumulate into .grad across rounds
+        for x in leaves:
+            x.grad = None
+
+    call()
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(call, setup=clear_grads, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+# The tests' tolerance rule (tests/helpers.py: assert_close), as report rows.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def tolerance_rows(family: str, case: str, kernel: dict, lowp: dict, exact: dict, dtype) -> List[dict]:
+    """One row per tensor: the kernel's max error against the float64 result must be at most twice
+    the error of the reference computed in ``dtype``, plus ATOL[dtype] times the magnitude."""
+    rows = []
+    for tensor, ref64 in exact.items():
+        out = kernel[tensor].detach().double().cpu()
+        ref64 = ref64.detach().cpu()
+        err = (out - ref64).abs().max().item()
+        ref_err = (lowp[tensor].detach().double().cpu() - ref64).abs().max().item()
+        bound = 2.0 * ref_err + ATOL[dtype] * max(1.0, ref64.abs().max().item())
+        ok = bool(torch.isfinite(out).all()) and err <= bound
+        rows.append(dict(family=family, case=case, tensor=tensor, err=err, ref_err=ref_err, bound=bound, ok=ok))
+    return rows

@@ -117,21 +117,11 @@ def make_case(impl: str, mode: str, B: int, T: int, H: int, D: int, dtype=GPU_DT
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(s):
-        return (torch.randn(shape, generator=gen, device=device, dtype=dtype) * s).requires_grad_(requires_grad)
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype) * s
 
     q, k, v = randn(0.1), randn(0.1), randn(1.0)
     do = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-    leaves = [q, k, v] if requires_grad else []
-    if mode == "fwd":
-        return (lambda: attn(q, k, v)), leaves
-    if not requires_grad:
-        raise ValueError(f"mode {mode!r} needs requires_grad=True")
-    if mode == "fwdbwd":
-        return (lambda: attn(q, k, v).backward(do)), leaves
-    if mode == "bwd":
-        o = attn(q, k, v)
-        return (lambda: o.backward(do, retain_graph=True)), leaves
-    raise ValueError(f"unknown mode {mode!r}")
+    return common.timed_call(attn, q, k, v, do, mode, requires_grad)
 
 
 def flops(impl: str, mode: str, B: int, T: int, H: int, D: int) -> float:
@@ -145,7 +135,6 @@ def flops(impl: str, mode: str, B: int, T: int, H: int, D: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # correctness check (python -m bench)
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # bf16 at the benchmark's head dim only: one autotune bucket, the configs the benchmark then uses
 # (each further dtype or head dim would tune every kernel again; the test suite covers them).
 GPU_CHECKS = [
@@ -190,16 +179,7 @@ def _check_case(name: str, B: int, T: int, H: int, D: int, dtype: torch.dtype, d
     lowp = run(op("reference"), dtype, torch.float32)
     exact = run(lambda q_, k_, v_, s_: ref.lightning_attention(q_, k_, v_, decay, None, s_, True),
                 torch.float64, torch.float64)
-    rows = []
-    for tensor, ref64 in exact.items():
-        out = kernel[tensor].detach().double().cpu()
-        ref64 = ref64.detach().cpu()
-        err = (out - ref64).abs().max().item()
-        ref_err = (lowp[tensor].detach().double().cpu() - ref64).abs().max().item()
-        bound = 2.0 * ref_err + ATOL[dtype] * max(1.0, ref64.abs().max().item())
-        ok = bool(torch.isfinite(out).all()) and err <= bound
-        rows.append(dict(family=NAME, case=name, tensor=tensor, err=err, ref_err=ref_err, bound=bound, ok=ok))
-    return rows
+    return common.tolerance_rows(NAME, name, kernel, lowp, exact, dtype)
 
 
 def check() -> List[dict]:

@@ -343,17 +343,7 @@ def make_case(impl: str, mode: str, case: dict, B: int, H: int, D: int, dtype=to
     """
     layout, attn = attention_fn(impl, case, device, compiled_flex)
     q, k, v, do = (to_layout(x, layout) for x in make_inputs(case, B, H, D, dtype, device, seed))
-    leaves = [x.requires_grad_(requires_grad) for x in (q, k, v)] if requires_grad else []
-    if mode == "fwd":
-        return (lambda: attn(q, k, v)), leaves
-    if not requires_grad:
-        raise ValueError(f"mode {mode!r} needs requires_grad=True")
-    if mode == "fwdbwd":
-        return (lambda: attn(q, k, v).backward(do)), leaves
-    if mode == "bwd":
-        o = attn(q, k, v)
-        return (lambda: o.backward(do, retain_graph=True)), leaves
-    raise ValueError(f"unknown mode {mode!r}")
+    return common.timed_call(attn, q, k, v, do, mode, requires_grad)
 
 
 def flops(impl: str, mode: str, case: dict, B: int, H: int, D: int) -> float:
@@ -401,7 +391,6 @@ def speedup_bound(case: dict, q_tile=None, kv_tile=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # correctness check (python -m bench)
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # fp16 at the benchmark's head dim, 1-D and 2-D: the autotune buckets the quick benchmark then uses.
 GPU_CHECKS = [
     dict(name="fp16 1-D n=2000 k=257 s=64 GQA", B=1, shape=(2000,), H=4, Hkv=2, D=128, kernel_size=257, stride=64,
@@ -456,16 +445,7 @@ def _check_case(name: str, B: int, shape, H: int, Hkv: int, D: int, kernel_size,
     lowp = run(op("reference"), dtype)
     exact = run(lambda q_, k_, v_: ref.neighborhood_attention_naive(q_, k_, v_, kernel_size, stride, dilation,
                                                                     is_causal), torch.float64)
-    rows = []
-    for tensor, ref64 in exact.items():
-        out = kernel[tensor].detach().double().cpu()
-        ref64 = ref64.detach().cpu()
-        err = (out - ref64).abs().max().item()
-        ref_err = (lowp[tensor].detach().double().cpu() - ref64).abs().max().item()
-        bound = 2.0 * ref_err + ATOL[dtype] * max(1.0, ref64.abs().max().item())
-        ok = bool(torch.isfinite(out).all()) and err <= bound
-        rows.append(dict(family=NAME, case=name, tensor=tensor, err=err, ref_err=ref_err, bound=bound, ok=ok))
-    return rows
+    return common.tolerance_rows(NAME, name, kernel, lowp, exact, dtype)
 
 
 def check_flex_mask(shape, kernel_size, stride=1, dilation=1, is_causal=False) -> dict:

@@ -11,24 +11,13 @@ these exist so results can be compared across commits with pytest-benchmark's ow
 import pytest
 import torch
 
-from bench import lightning
+from bench import common, lightning
 
 CUDA = torch.cuda.is_available()
 if CUDA:
     DEVICE, DTYPE, SHAPE, TS, ROUNDS = "cuda", torch.bfloat16, dict(B=4, H=32, D=128), [4096, 16384], 20
 else:
     DEVICE, DTYPE, SHAPE, TS, ROUNDS = "cpu", torch.float32, dict(B=1, H=8, D=64), [1024, 2048], 3
-
-
-def _synchronized(fn):
-    if not CUDA:
-        return fn
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    return call
 
 
 @pytest.mark.parametrize("T", TS)
@@ -40,12 +29,4 @@ def test_lightning(benchmark, impl, mode, T):
     B, H, D = SHAPE["B"], SHAPE["H"], SHAPE["D"]
     fn, leaves = lightning.make_case(impl, mode, B, T, H, D, DTYPE, DEVICE)
 
-    def clear_grads():  # backward must not accumulate into .grad across rounds
-        for x in leaves:
-            x.grad = None
-
-    call = _synchronized(fn)
-    call()  # compile / autotune outside the timed rounds
-    benchmark.group = f"lightning {mode} T={T}"
-    benchmark.extra_info.update(B=B, T=T, H=H, D=D, dtype=str(DTYPE), tokens=B * T)
-    benchmark.pedantic(call, setup=clear_grads, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    common.pytest_benchmark_run(benchmark, fn, leaves, ROUNDS, f"lightning {mode} T={T}", B=B, T=T, H=H, D=D, dtype=str(DTYPE), tokens=B * T)

@@ -16,6 +16,7 @@ Not part of ``pytest tests``.
 import pytest
 import torch
 
+from bench import common
 from bench import neighborhood as nb
 
 CUDA = torch.cuda.is_available()
@@ -31,17 +32,6 @@ else:
     IMPLS = ["subquad", "sdpa"]  # "sdpa": plain SDPA on CPU
 
 
-def _synchronized(fn):
-    if not CUDA:
-        return fn
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    return call
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("impl", IMPLS)
@@ -51,15 +41,7 @@ def test_neighborhood(benchmark, impl, mode, case):
     B, H, D = SHAPE["B"], SHAPE["H"], SHAPE["D"]
     fn, leaves = nb.make_case("sdpa_flash" if impl == "sdpa" else impl, mode, case, B, H, D, DTYPE, DEVICE)
 
-    def clear_grads():  # backward must not accumulate into .grad across rounds
-        for x in leaves:
-            x.grad = None
-
-    call = _synchronized(fn)
-    call()  # compile / autotune outside the timed rounds
-    benchmark.group = f"neighborhood {mode} {case['name']}"
-    benchmark.extra_info.update(B=B, H=H, D=D, dtype=str(DTYPE), case=nb.describe(case))
-    benchmark.pedantic(call, setup=clear_grads, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    common.pytest_benchmark_run(benchmark, fn, leaves, ROUNDS, f"neighborhood {mode} {case['name']}", B=B, H=H, D=D, dtype=str(DTYPE), case=nb.describe(case))
 
 
 # ----------------------------------------------------------------------------------------------
