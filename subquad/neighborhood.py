@@ -3,6 +3,7 @@ dispatch. The semantics are stated in ``subquad.reference.neighborhood``."""
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from typing import Optional, Sequence, Tuple, Union
 
@@ -122,6 +123,12 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
         n3 = pad + spatial
         geom = (n3, pad + ks, pad + ss, pad + ds, (False,) * (3 - nd) + cs)
         B, H, Hkv, D = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+        # grid axes 1 and 2 (dilation groups, batch x heads) are limited to 65535 programs
+        if B * H > 65535:
+            raise ValueError(f"q: batch x heads = {B} x {H} = {B * H} exceeds the Triton kernel's grid limit of "
+                             "65535; split the batch")
+        if math.prod(ds) > 65535:
+            raise ValueError(f"dilation: the product of dilations {ds} exceeds the Triton kernel's limit of 65535")
         o = NeighborhoodAttentionFunction.apply(
             q.reshape(B, *n3, H, D).contiguous(), k.reshape(B, *n3, Hkv, D).contiguous(),
             v.reshape(B, *n3, Hkv, D).contiguous(), geom, nd, scale)

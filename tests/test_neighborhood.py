@@ -94,3 +94,10 @@ def test_random_sweep(case):
 ], ids=_id)
 def test_kernel_large(case, dtype):
     _check(*case, dtype)
+
+
+def test_grid_limit_is_a_clear_error():
+    """Batch x heads beyond the grid's 65535 programs: a ValueError before any launch."""
+    q = torch.empty(65536, 8, 1, 16, device=DEVICE).expand(65536, 8, 1, 16)
+    with pytest.raises(ValueError, match="exceeds the Triton kernel's grid limit"):
+        subquad.na1d(q, q, q, 3, backend="triton")
