@@ -278,36 +278,40 @@ def _geom_args(geom):
     return (*n, *k, *s, *d, *(int(x) for x in c))
 
 
-def _tiles(cfg, prefix):
-    return tuple(cfg.kw[f"{prefix}{i}"] for i in range(3))
+def _tile_kw(cfg):
+    """The tile-shape constexprs (TQ0..TQ2, TK0..TK2) of a config."""
+    return {f"T{p}{i}": cfg.kw[f"T{p}{i}"] for p in "QK" for i in range(3)}
 
 
-def _grid_tiles(geom, tile):
-    """Tiles per dim of the longest dilation group."""
+def _grid(geom, cfg, prefix, rows):
+    """(tiles of the longest dilation group, dilation groups, rows) and the tiles per dim."""
     n, _, _, d, _ = geom
-    return [triton.cdiv(triton.cdiv(n[i], d[i]), tile[i]) for i in range(3)]
+    nt = [triton.cdiv(triton.cdiv(n[i], d[i]), cfg.kw[f"{prefix}{i}"]) for i in range(3)]
+    return (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], rows), nt
 
 
 def _bucket(q, geom, rank):
     return (str(q.dtype).replace("torch.", ""), q.shape[-1], rank)
 
 
+def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
+    """The forward (bwd=False: writes o, lse) or dQ (bwd=True: writes dq) launch of ``_na_q_kernel``."""
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    grid, nt = _grid(geom, cfg, "TQ", B * H)
+    return _na_q_kernel[grid](
+        q, k, v, o, lse, do, delta, dq, *_geom_args(geom), H, H // k.shape[-2], nt[1], nt[2], scale * LOG2E,
+        scale, D=D, BD=pow2(D), **_tile_kw(cfg), BWD=bwd, PREC=precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def na_fwd(q, k, v, geom, rank, scale):
     """q [B, n0, n1, n2, H, D], k/v [B, n0, n1, n2, H_kv, D] contiguous -> (o, lse [B, N, H] fp32)."""
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
-    group = H // k.shape[-2]
-    n, _, _, d, _ = geom
+    n = geom[0]
     o = empty(q.shape, q.dtype, q.device)
-    lse = empty((B, n[0] * n[1] * n[2], H), torch.float32, q.device)
+    lse = empty((q.shape[0], n[0] * n[1] * n[2], q.shape[-2]), torch.float32, q.device)
 
-    def launch(cfg):
-        TQ, TK = _tiles(cfg, "TQ"), _tiles(cfg, "TK")
-        nt = _grid_tiles(geom, TQ)
-        grid = (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], B * H)
-        return _na_q_kernel[grid](
-            q, k, v, o, lse, q, lse, q, *_geom_args(geom), H, group, nt[1], nt[2], scale * LOG2E, scale,
-            D=D, BD=pow2(D), TQ0=TQ[0], TQ1=TQ[1], TQ2=TQ[2], TK0=TK[0], TK1=TK[1], TK2=TK[2],
-            BWD=False, PREC=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def launch(cfg):  # do / delta / dq are not read when bwd=False
+        return _launch_q(cfg, geom, scale, q, k, v, o, lse, q, lse, q, bwd=False)
 
     cfg = spaces.NEIGHBORHOOD_FWD.choose(_bucket(q, geom, rank), q.device, lambda c: bench_launch(lambda: launch(c)))
     launch(cfg)
@@ -317,8 +321,7 @@ def na_fwd(q, k, v, geom, rank, scale):
 def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
-    group = H // Hkv
-    n, _, _, d, _ = geom
+    n = geom[0]
     delta = bwd_delta(o, do)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
@@ -326,23 +329,14 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
     bucket = _bucket(q, geom, rank)
 
     def launch_dq(cfg):
-        TQ, TK = _tiles(cfg, "TQ"), _tiles(cfg, "TK")
-        nt = _grid_tiles(geom, TQ)
-        grid = (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], B * H)
-        return _na_q_kernel[grid](
-            q, k, v, o, lse, do, delta, dq, *_geom_args(geom), H, group, nt[1], nt[2], scale * LOG2E, scale,
-            D=D, BD=pow2(D), TQ0=TQ[0], TQ1=TQ[1], TQ2=TQ[2], TK0=TK[0], TK1=TK[1], TK2=TK[2],
-            BWD=True, PREC=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd=True)
 
     def launch_dkdv(cfg):
-        TQ, TK = _tiles(cfg, "TQ"), _tiles(cfg, "TK")
-        nt = _grid_tiles(geom, TK)
-        grid = (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], B * Hkv)
+        grid, nt = _grid(geom, cfg, "TK", B * Hkv)
         return _na_kv_kernel[grid](
-            q, k, v, lse, do, delta, dk, dv, *_geom_args(geom), H, group, nt[1], nt[2], max(n).bit_length(),
-            scale * LOG2E, scale,
-            D=D, BD=pow2(D), TQ0=TQ[0], TQ1=TQ[1], TQ2=TQ[2], TK0=TK[0], TK1=TK[1], TK2=TK[2],
-            PREC=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            q, k, v, lse, do, delta, dk, dv, *_geom_args(geom), H, H // Hkv, nt[1], nt[2], max(n).bit_length(),
+            scale * LOG2E, scale, D=D, BD=pow2(D), **_tile_kw(cfg), PREC=precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = spaces.NEIGHBORHOOD_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
     launch_dq(cfg)
@@ -380,14 +374,11 @@ def compile_specs(dtype: str, K: int, V: int):
     prec = precision(getattr(torch, dtype))
     buckets = [(dtype, K, rank) for rank in (1, 2, 3)]
 
-    def tiles(c):
-        return {f"T{p}{i}": c.kw[f"T{p}{i}"] for p in "QK" for i in range(3)}
-
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, **ints, qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.NEIGHBORHOOD_FWD, False), (spaces.NEIGHBORHOOD_BWD_DQ, True)):
         yield (tuner, _na_q_kernel, q_sig,
-               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, **tiles(c)), buckets)
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, **_tile_kw(c)), buckets)
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
                   scale="fp32")
     yield (spaces.NEIGHBORHOOD_BWD_DKDV, _na_kv_kernel, kv_sig,
-           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **tiles(c)), buckets)
+           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **_tile_kw(c)), buckets)
