@@ -83,7 +83,7 @@ class Tuner:
 
     def __init__(self, kernel: str, space: Iterable[Config], valid: Callable[[Config, tuple], bool] = None):
         self.kernel = kernel
-        self.space: List[Config] = list(space)
+        self.space: List[Config] = list(dict.fromkeys(space))  # order kept, repeats dropped
         self.valid = valid or (lambda cfg, bucket: True)
         self._memo: Dict[tuple, Config] = {}
 

@@ -101,3 +101,23 @@ def test_grid_limit_is_a_clear_error():
     q = torch.empty(65536, 8, 1, 16, device=DEVICE).expand(65536, 8, 1, 16)
     with pytest.raises(ValueError, match="exceeds the Triton kernel's grid limit"):
         subquad.na1d(q, q, q, 3, backend="triton")
+
+
+# every config of every neighborhood space computes the same function (the tuner may pick any on a GPU)
+_RANK_CASE = {
+    1: (1, (41,), 2, 1, 16, 5, 2, 2, True),
+    2: (1, (9, 11), 2, 1, 16, (3, 5), (1, 2), (2, 1), (False, True)),
+    3: (1, (5, 6, 7), 1, 1, 16, (2, 3, 3), (1, 2, 3), (2, 1, 1), (True, False, False)),
+}
+
+
+def _na_configs():
+    from subquad.autotune import spaces
+
+    return [(t, c) for t in spaces.NEIGHBORHOOD for c in t.space]
+
+
+@pytest.mark.parametrize("tuner,cfg", _na_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
+def test_every_config(tuner, cfg, monkeypatch):
+    monkeypatch.setattr(tuner, "choose", lambda bucket, device, bench: cfg)
+    _check(*_RANK_CASE[cfg.kw["R"]], torch.float32)
