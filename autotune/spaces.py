@@ -158,3 +158,45 @@ NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_KV_SPACE, lambda c, b
 LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
 NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]
 ALL = LIGHTNING + NEIGHBORHOOD
+
+
+# HiP sparse attention (kernels/hip.py); bucket = (dtype name, head dim). BM: query rows per
+# program (clamped by the launcher to the padded query block / Tq), BN: keys per KV tile (the
+# gathered list packs BN / block_size_k selected key blocks into one tile).
+def _hip_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
+    D = bucket[1]
+    rows = cfg.kw["BM"] if acc_tiles == 1 else cfg.kw["BN"]
+    return acc_tiles * rows * pow2(D) <= 128 * 32 * cfg.num_warps
+
+
+HIP_FWD = Tuner("hip_fwd", [
+    _c(4, 2, BM=64, BN=64),
+    _c(8, 2, BM=64, BN=64),
+    _c(4, 3, BM=64, BN=64),
+    _c(4, 2, BM=64, BN=32),
+    _c(8, 2, BM=128, BN=64),
+    _c(8, 3, BM=64, BN=128),
+], lambda c, b: _hip_valid(c, b, 1))
+HIP_BWD_DQ = Tuner("hip_bwd_dq", [
+    _c(4, 2, BM=64, BN=32),
+    _c(8, 2, BM=64, BN=64),
+    _c(4, 2, BM=32, BN=32),
+    _c(4, 1, BM=64, BN=32),
+    _c(8, 2, BM=128, BN=32),
+], lambda c, b: _hip_valid(c, b, 1))
+HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
+    _c(4, 1, BM=64, BN=32),
+    _c(8, 2, BM=64, BN=32),
+    _c(8, 2, BM=64, BN=64),
+    _c(4, 1, BM=32, BN=32),
+    _c(8, 1, BM=128, BN=32),
+], lambda c, b: _hip_valid(c, b, 2))
+HIP_BWD_DKDV_LOCAL = Tuner("hip_bwd_dkdv_local", [
+    _c(8, 1, BM=32, BN=32),
+    _c(4, 1, BM=32, BN=32),
+    _c(8, 2, BM=64, BN=32),
+    _c(8, 1, BM=64, BN=64),
+    _c(4, 1, BM=16, BN=32),
+], lambda c, b: _hip_valid(c, b, 2))
+HIP_ATTENTION = [HIP_FWD, HIP_BWD_DQ, HIP_BWD_DKDV_GATHER, HIP_BWD_DKDV_LOCAL]
+ALL = ALL + HIP_ATTENTION

@@ -1,0 +1,472 @@
+"""HiP sparse attention on the block-sparse core: forward, dQ, dK/dV, decoding.
+
+What is computed (the contract with ``subquad.hip``'s selection, see ``reference/hip.py``): for a
+query block qb of ``block_size_q`` (bsq) queries, with ``off = Tk - Tq``, ``p_first = off + qb bsq``
+and query i at ``p_i = off + i``, let ``L = max(0, p_first - window + 1)`` (start of the local
+region) and ``E = p_first - window + 1`` (end of the search range). Query i attends, under one
+softmax with ``scale``, to
+
+* the sinks ``[0, min(sink_tokens, L))`` (the part of the sinks not inside the local region),
+* the tokens ``sink_tokens + j bk + t`` (t < bk) of every selected key block j of its (batch, head,
+  query block) row of ``blocks`` (ascending, -1 padded at the end) that lie below E,
+* its local region ``[L, p_i]``.
+
+These three sets are disjoint (selected tokens lie in ``[sink_tokens, E)`` and E <= L), so every
+key is counted once, and all lie at or before ``p_first <= p_i`` except the local region's
+diagonal part, which is the only place a causal element mask is needed.
+
+Kernels (each a Triton program; ``tl.dot`` for every matrix product; fp32 accumulation):
+
+* ``_hip_q_kernel`` (forward, or dQ with ``BWD``): one program per (query tile of BM rows inside
+  one query block, query head). It walks (1) the *gathered list*: the sink tokens followed by the
+  tokens of the selected blocks, BN positions per KV tile, each position's row found from the
+  ``blocks`` table (``BN / bk`` key blocks per tile, so 2-token blocks still fill 64-wide tensor
+  core tiles); the list length is ``min(S, L) + n_sel bk`` with ``n_sel = min(Kb, ceil((E - S) /
+  bk))``, so trailing -1 padding costs no tile; the only mask is a column mask (-1 entries, the
+  partial last block, positions past the list), shared by every row since all these keys precede
+  the block; then (2) the local region ``[L, p_last]`` as contiguous tiles, with the causal mask
+  only on tiles that reach past the tile's first query. Grid ``(tiles x GROUP, B x H_kv)`` with
+  the GROUP query heads of a KV head adjacent in launch order, so they run together and share
+  the sink and local-region K/V loads through L2 (their selected blocks differ).
+* ``_hip_dkdv_gather_kernel``: the backward of the gathered list, mirroring the forward per
+  (query tile, head): per KV tile it recomputes P from lse, forms that tile's dK and dV
+  contributions with ``dkdv_update`` and adds them into fp32 buffers with ``tl.atomic_add``
+  (relaxed). Why atomics: a 2-token key block is selected by an arbitrary set of query blocks,
+  so a KV-tile-centric walk of the transposed selection would run a 64-key tile for every
+  selecting query block while only ~bk of its keys are selected (up to BN / bk = 32x the useful
+  work for scattered selections); the gathered walk does exactly the forward's work. Cost:
+  2 x BN x D fp32 atomics per visited tile, and dK/dV of the sinks and of the selected blocks
+  are summed in a run-dependent order (bitwise non-deterministic in the last bits; the local
+  part is deterministic).
+* ``_hip_dkdv_local_kernel``: per (KV tile of BN contiguous keys, KV head): the local regions in
+  closed form (the query rows whose local region meets the tile form one contiguous range, found
+  by arithmetic since L and p are monotone in the row), summed over the GROUP query heads in the
+  program (deterministic, no atomics); it adds the gathered part from the fp32 buffers and
+  writes dK, dV in the input dtype.
+
+Decoding (Tq of 1 to a few queries, Tk up to 1M, a reused ``blocks``): the same forward kernel;
+its work and memory are ``sink_tokens + Kb bk + window + Tq`` keys per (query, head), nothing
+proportional to Tk (no Tk-sized allocation or pass; -1 padding and the search-range end are
+handled in the kernel). No split-K: at the issue's decoding shape (B=1, H=32, defaults) one
+program per head walks ceil((16 + 512) / 64) + ceil(257 / 64) = 14 KV tiles (~0.4 MB of K/V per
+KV head, 3.4 MB in all, ~1-2 us of HBM time at 3 TB/s); 32 programs on 132 SMs keep each tile's
+load latency serial (~14 x ~1 us), while SDPA reads 8 x 128k x 2 x 256 B = 537 MB (~200 us), so
+the 8x target does not need the extra combine launch. Split-K is the next step if measurements
+show the per-head latency dominating (say, Tk-independent ~15 us at B=1).
+
+Counts (D = head dim, per (query, head); n_g = gathered keys = min(S, L) + selected tokens,
+n_l = local keys; bytes at itemsize s):
+
+* forward: 4 D (n_g + n_l) FLOPs per query (QK^T, PV), executed in BM x BN tiles: per query tile
+  ceil(n_g / BN) + ceil((window + BM) / BN) tile visits of 4 BM BN D; K/V traffic 2 BN D s per
+  visit (sink / local visits shared by the GROUP heads through L2);
+* dQ: 6 D (n_g + n_l) per query (QK^T, dO V^T, dS K), same visits;
+* dK/dV gathered: 8 D n_g per query (QK^T, P^T dO, V dO^T, dS^T Q) + 2 BN D fp32 atomics (8 BN D
+  bytes) per visit; dK/dV local: 8 D n_l per query plus the diagonal-tile waste, visits
+  ceil((window + BN + bsq) / BM) query tiles per KV tile and query head.
+At prefill T=128k with the defaults (topk 512, bk 2, S 16, window 256), n_g + n_l <= 784 keys
+per query against T/2 = 64k on average for causal dense attention: 84x fewer FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import bench_launch, spaces
+from .block_sparse import LOG2E, bwd_delta, dkdv_update, dq_update, fwd_finish, fwd_update, load_rows, precision
+from .common import empty, pow2
+
+__all__ = ["HipAttentionFunction", "hip_sparse_attention", "hip_fwd", "hip_bwd", "compile_specs"]
+
+
+@triton.jit
+def _block_geometry(qb, Tq, Tk, bsq, S, W, bk, Kb):
+    """Per query block: (p_first, local start L, search end E, sink end, gathered list length)."""
+    p_first = Tk - Tq + qb * bsq
+    E = p_first - W + 1
+    L = tl.maximum(E, 0)
+    sink_end = tl.minimum(S, L)
+    n_sel = tl.where(E > S, tl.minimum(Kb, (E - S + bk - 1) // bk), 0)
+    return p_first, L, E, sink_end, sink_end + n_sel * bk
+
+
+@triton.jit
+def _gathered(BLKROW, pos, sink_end, n_gather, S, E, bk):
+    """Key token and validity of gathered-list positions ``pos``: sinks [0, sink_end) first, then
+    the tokens of the selected blocks in slot order (``BLKROW`` points at this query block's row
+    of the blocks table); -1 slots and tokens at or past the search end E are invalid."""
+    is_sink = pos < sink_end
+    u = tl.maximum(pos - sink_end, 0)
+    slot = u // bk
+    in_sel = (pos >= sink_end) & (pos < n_gather)
+    j = tl.load(BLKROW + slot, mask=in_sel, other=-1)
+    tok = tl.where(is_sink, pos, S + j * bk + (u - slot * bk))
+    ok = is_sink | (in_sel & (j >= 0) & (tok < E))
+    tok = tl.where(ok, tok, 0)
+    return tok, ok
+
+
+@triton.jit
+def _q_tile(pid0, GROUP, RPB, bsq, Tq, BM: tl.constexpr):
+    """Program axis 0 -> (query head within the group, query block, rows, row mask, first row, end)."""
+    hh = pid0 % GROUP
+    t = pid0 // GROUP
+    qb = t // RPB
+    row0 = qb * bsq + (t % RPB) * BM
+    row_end = tl.minimum(qb * bsq + bsq, Tq)
+    rows = row0 + tl.arange(0, BM)
+    return hh, qb, rows, rows < row_end, row0, row_end
+
+
+@triton.jit
+def _hip_q_kernel(
+    Q, K, V, O, LSE, DO, DELTA, DQ, BLK,
+    Tq, Tk, H, GROUP, NQB, Kb, RPB, bsq, bk, S, W, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
+):
+    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) of one query tile of one head."""
+    pid_bk = tl.program_id(1)
+    Hkv = H // GROUP
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    hh, qb, rows, q_ok, row0, row_end = _q_tile(tl.program_id(0), GROUP, RPB, bsq, Tq, BM)
+    if row0 >= row_end:
+        return
+    h = hk * GROUP + hh
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    p_first, L, E, sink_end, n_gather = _block_geometry(qb, Tq, Tk, bsq, S, W, bk, Kb)
+    off = Tk - Tq
+    p_lo = off + row0
+    p_hi = off + row_end - 1
+    p_q = off + rows
+
+    stat_rows = (b.to(tl.int64) * Tq + rows) * H + h
+    q_rows = stat_rows * D
+    kv_base = b.to(tl.int64) * Tk
+    blkrow = BLK + ((b.to(tl.int64) * H + h) * NQB + qb) * Kb
+    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
+    if BWD:
+        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + stat_rows, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        dq = tl.zeros([BM, BD], dtype=tl.float32)
+        fill = 0.0
+    else:
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        fill = float("-inf")
+
+    # (1) sinks + selected blocks, gathered BN positions at a time; every key precedes the block
+    for start in range(0, n_gather, BN):
+        tok, ok = _gathered(blkrow, start + tl.arange(0, BN), sink_end, n_gather, S, E, bk)
+        k_rows = ((kv_base + tok) * Hkv + hk) * D
+        kt = load_rows(K, k_rows, ok, offs_d, d_ok)
+        vt = load_rows(V, k_rows, ok, offs_d, d_ok)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        if BWD:
+            sc = tl.math.exp2(sc - lse[:, None])
+        sc = tl.where(ok[None, :], sc, fill)
+        if BWD:
+            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
+        else:
+            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
+
+    # (2) the local region [L, p_hi], contiguous; causal mask only where a tile passes p_lo
+    for start in range(L, p_hi + 1, BN):
+        cols = start + tl.arange(0, BN)
+        ok = cols <= p_hi
+        k_rows = ((kv_base + cols) * Hkv + hk) * D
+        kt = load_rows(K, k_rows, ok, offs_d, d_ok)
+        vt = load_rows(V, k_rows, ok, offs_d, d_ok)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        if BWD:
+            sc = tl.math.exp2(sc - lse[:, None])
+        if start + BN - 1 > p_lo:
+            sc = tl.where(cols[None, :] <= p_q[:, None], sc, fill)
+        if BWD:
+            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
+        else:
+            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
+
+    mask2 = q_ok[:, None] & d_ok[None, :]
+    if BWD:
+        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask2)
+    else:
+        o, lse_out = fwd_finish(acc, m_i, l_i)
+        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask2)
+        tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+
+
+@triton.jit
+def _hip_dkdv_gather_kernel(
+    Q, K, V, LSE, DO, DELTA, DK32, DV32, BLK,
+    Tq, Tk, H, GROUP, NQB, Kb, RPB, bsq, bk, S, W, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """dK (scaled) and dV of the gathered list (sinks + selected blocks) of one query tile of one
+    head, added into the fp32 buffers DK32 / DV32 [B, Tk, H_kv, D] with atomics."""
+    pid_bk = tl.program_id(1)
+    Hkv = H // GROUP
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    hh, qb, rows, q_ok, row0, row_end = _q_tile(tl.program_id(0), GROUP, RPB, bsq, Tq, BM)
+    if row0 >= row_end:
+        return
+    h = hk * GROUP + hh
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    p_first, L, E, sink_end, n_gather = _block_geometry(qb, Tq, Tk, bsq, S, W, bk, Kb)
+
+    stat_rows = (b.to(tl.int64) * Tq + rows) * H + h
+    q_rows = stat_rows * D
+    kv_base = b.to(tl.int64) * Tk
+    blkrow = BLK + ((b.to(tl.int64) * H + h) * NQB + qb) * Kb
+    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
+    do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
+    lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
+    delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+    for start in range(0, n_gather, BN):
+        tok, ok = _gathered(blkrow, start + tl.arange(0, BN), sink_end, n_gather, S, E, bk)
+        k_rows = ((kv_base + tok) * Hkv + hk) * D
+        kt = load_rows(K, k_rows, ok, offs_d, d_ok)
+        vt = load_rows(V, k_rows, ok, offs_d, d_ok)
+        pt = tl.math.exp2(tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])
+        pt = tl.where(ok[:, None], pt, 0.0)
+        dk = tl.zeros([BN, BD], dtype=tl.float32)
+        dv = tl.zeros([BN, BD], dtype=tl.float32)
+        dk, dv = dkdv_update(dk, dv, pt, q, do, vt, delta, PREC)
+        ptrs = k_rows[:, None] + offs_d[None, :]
+        mask2 = ok[:, None] & d_ok[None, :]
+        tl.atomic_add(DK32 + ptrs, dk * scale, mask=mask2, sem="relaxed")
+        tl.atomic_add(DV32 + ptrs, dv, mask=mask2, sem="relaxed")
+
+
+@triton.jit
+def _hip_dkdv_local_kernel(
+    Q, K, V, LSE, DO, DELTA, DK32, DV32, DK, DV,
+    Tq, Tk, H, GROUP, bsq, W, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """dK, dV of one KV tile (BN contiguous keys of one KV head): the local regions that meet it,
+    over the GROUP query heads, plus the gathered part from DK32 / DV32; writes DK, DV."""
+    pid_bk = tl.program_id(1)
+    Hkv = H // GROUP
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    t0 = tl.program_id(0) * BN
+    cols = t0 + tl.arange(0, BN)
+    k_ok = cols < Tk
+    t1 = tl.minimum(t0 + BN, Tk) - 1
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    off = Tk - Tq
+    k_rows = ((b.to(tl.int64) * Tk + cols) * Hkv + hk) * D
+    k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
+    v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
+
+    # query rows whose local region [L_r, p_r] meets [t0, t1]: p_r >= t0 and L_r <= t1 (monotone)
+    row_lo = tl.maximum(t0 - off, 0)
+    num = t1 + W - 1 - off
+    qb_hi = tl.where(num >= 0, num // bsq, -1)
+    row_hi = tl.minimum((qb_hi + 1) * bsq, Tq)  # exclusive
+    j_lo = row_lo // BM
+    j_hi = tl.where(row_hi > row_lo, (row_hi + BM - 1) // BM, j_lo)
+    tile_full_k = t0 + BN <= Tk
+
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    for hh in range(0, GROUP):
+        h = hk * GROUP + hh
+        for j in range(j_lo, j_hi):
+            rows = j * BM + tl.arange(0, BM)
+            q_ok = rows < Tq
+            stat_rows = (b.to(tl.int64) * Tq + rows) * H + h
+            qt = load_rows(Q, stat_rows * D, q_ok, offs_d, d_ok)
+            dot_ = load_rows(DO, stat_rows * D, q_ok, offs_d, d_ok)
+            lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
+            # full: every row valid, L of the last row <= t0, p of the first row >= t1, keys valid
+            last = j * BM + BM - 1
+            L_last = tl.maximum(off + (last // bsq) * bsq - W + 1, 0)
+            full = (last < Tq) & (L_last <= t0) & (off + j * BM >= t1) & tile_full_k
+            if not full:
+                p_r = off + rows
+                L_r = tl.maximum(off + (rows // bsq) * bsq - W + 1, 0)
+                mask_t = (cols[:, None] >= L_r[None, :]) & (cols[:, None] <= p_r[None, :]) & k_ok[:, None]
+                pt = tl.where(mask_t, pt, 0.0)
+            dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+    ptrs = k_rows[:, None] + offs_d[None, :]
+    mask2 = k_ok[:, None] & d_ok[None, :]
+    dk = dk * scale + tl.load(DK32 + ptrs, mask=mask2, other=0.0)
+    dv = dv + tl.load(DV32 + ptrs, mask=mask2, other=0.0)
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask2)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask2)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _bucket(q):
+    return (str(q.dtype).replace("torch.", ""), q.shape[-1])
+
+
+def _q_grid(cfg, q, k, bsq):
+    """(BM, RPB, grid) of the query-tile kernels: BM rows of one query block per program."""
+    B, Tq, H = q.shape[0], q.shape[1], q.shape[2]
+    Hkv = k.shape[2]
+    nqb = triton.cdiv(Tq, bsq)
+    bm = min(cfg.kw["BM"], pow2(min(bsq, Tq)))
+    rpb = triton.cdiv(min(bsq, Tq), bm)
+    return bm, rpb, (nqb * rpb * (H // Hkv), B * Hkv)
+
+
+def _geom(q, k, blocks):
+    """(Tq, Tk, H, GROUP, NQB, Kb)."""
+    Tq, Tk, H = q.shape[1], k.shape[1], q.shape[2]
+    return (Tq, Tk, H, H // k.shape[2], blocks.shape[2], blocks.shape[3])
+
+
+def _launch_q(cfg, q, k, v, o, lse, do, delta, dq, blocks, geom, scale, bwd):
+    bsq, bk, S, W = geom
+    Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
+    bm, rpb, grid = _q_grid(cfg, q, k, bsq)
+    D = q.shape[-1]
+    return _hip_q_kernel[grid](
+        q, k, v, o, lse, do, delta, dq, blocks, Tq, Tk, H, group, nqb, kb, rpb, bsq, bk, S, W, scale * LOG2E, scale,
+        D=D, BD=pow2(D), BM=bm, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def hip_fwd(q, k, v, blocks, geom, scale):
+    """q [B, Tq, H, D], k/v [B, Tk, H_kv, D], blocks int32 [B, H, NQB, Kb], all contiguous;
+    geom = (block_size_q, block_size_k, sink_tokens, window) -> (o, lse [B, Tq, H] fp32, log2)."""
+    o = empty(q.shape, q.dtype, q.device)
+    lse = empty(q.shape[:3], torch.float32, q.device)
+
+    def launch(cfg):  # do / delta / dq are not read when bwd=False
+        return _launch_q(cfg, q, k, v, o, lse, q, lse, q, blocks, geom, scale, bwd=False)
+
+    cfg = spaces.HIP_FWD.choose(_bucket(q), q.device, lambda c: bench_launch(lambda: launch(c)))
+    launch(cfg)
+    return o, lse
+
+
+def hip_bwd(q, k, v, o, lse, do, blocks, geom, scale):
+    """(dq, dk, dv) for the saved forward; blocks held fixed."""
+    bsq, bk, S, W = geom
+    Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
+    B, D, Hkv = q.shape[0], q.shape[-1], k.shape[2]
+    delta = bwd_delta(o, do)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    bucket = _bucket(q)
+    prec = precision(q.dtype)
+
+    def launch_dq(cfg):
+        return _launch_q(cfg, q, k, v, o, lse, do, delta, dq, blocks, geom, scale, bwd=True)
+
+    cfg = spaces.HIP_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
+    launch_dq(cfg)
+
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+
+    def launch_gather(cfg):
+        dk32.zero_()
+        dv32.zero_()
+        bm, rpb, grid = _q_grid(cfg, q, k, bsq)
+        return _hip_dkdv_gather_kernel[grid](
+            q, k, v, lse, do, delta, dk32, dv32, blocks, Tq, Tk, H, group, nqb, kb, rpb, bsq, bk, S, W,
+            scale * LOG2E, scale, D=D, BD=pow2(D), BM=bm, BN=cfg.kw["BN"], PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = spaces.HIP_BWD_DKDV_GATHER.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_gather(c)))
+    launch_gather(cfg)
+
+    def launch_local(cfg):
+        bn = cfg.kw["BN"]
+        return _hip_dkdv_local_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
+            q, k, v, lse, do, delta, dk32, dv32, dk, dv, Tq, Tk, H, group, bsq, W, scale * LOG2E, scale,
+            D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=bn, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = spaces.HIP_BWD_DKDV_LOCAL.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_local(c)))
+    launch_local(cfg)
+    return dq, dk, dv
+
+
+class HipAttentionFunction(torch.autograd.Function):
+    """(q, k, v, blocks, geom, scale) -> o; gradients for q, k, v (blocks are not differentiable).
+    Inputs contiguous: q [B, Tq, H, D], k/v [B, Tk, H_kv, D], blocks int32 [B, H, NQB, Kb];
+    geom = (block_size_q, block_size_k, sink_tokens, window)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, geom, scale):
+        o, lse = hip_fwd(q, k, v, blocks, geom, scale)
+        ctx.save_for_backward(q, k, v, o, lse, blocks)
+        ctx.geom, ctx.scale = geom, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, blocks = ctx.saved_tensors
+        dq, dk, dv = hip_bwd(q, k, v, o, lse, do.contiguous(), blocks, ctx.geom, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_tokens, window, scale=None):
+    """HiP attention over a given selection, on the Triton kernels (differentiable in q, k, v).
+
+    Args:
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, H_kv, D]`` with ``H % H_kv == 0`` and ``Tq <= Tk``
+            (query i sits at position ``Tk - Tq + i``); fp32 / fp16 / bf16; D in 16..256.
+        blocks: int32 ``[B, H, ceil(Tq / block_size_q), Kb]``: per query block the selected key
+            blocks j (tokens ``sink_tokens + j block_size_k + [0, block_size_k)``), ascending, -1
+            padded at the end (see the module docstring for the exact key set).
+        block_size_q, block_size_k: >= 1 (any value; query tiles are min(64, pow2) rows of one
+            query block). sink_tokens, window: >= 0. scale: default ``D ** -0.5``.
+
+    Inputs are checked by ``subquad.hip``; here only internal invariants are asserted.
+    Returns o ``[B, Tq, H, D]`` in q's dtype.
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D and H % Hkv == 0 and Tq <= Tk
+    assert blocks.dtype == torch.int32 and blocks.dim() == 4
+    assert tuple(blocks.shape[:3]) == (B, H, triton.cdiv(Tq, block_size_q)), (blocks.shape, Tq, block_size_q)
+    assert block_size_q >= 1 and block_size_k >= 1 and sink_tokens >= 0 and window >= 0
+    assert B * Hkv <= 65535, "batch x kv heads exceeds the grid limit"
+    scale = D ** -0.5 if scale is None else float(scale)
+    geom = (int(block_size_q), int(block_size_k), int(sink_tokens), int(window))
+    return HipAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), blocks.contiguous(), geom,
+                                      scale)
+
+
+def compile_specs(dtype: str, K: int, V: int):
+    """Static compile check entries (see ``subquad.autotune.check``): (tuner, jit function,
+    signature, constexprs(cfg), buckets) for the four kernels at head dim K (= V)."""
+    tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    x, f32 = f"*{tdt}", "*fp32"
+    prec = precision(getattr(torch, dtype))
+    buckets = [(dtype, K)]
+    q_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "RPB", "bsq", "bk", "S", "W"]}
+    q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", **q_ints, qk_scale="fp32",
+                 scale="fp32")
+    for tuner, bwd in ((spaces.HIP_FWD, False), (spaces.HIP_BWD_DQ, True)):
+        yield (tuner, _hip_q_kernel, q_sig,
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec), buckets)
+    g_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK32=f32, DV32=f32, BLK="*i32", **q_ints,
+                 qk_scale="fp32", scale="fp32")
+    yield (spaces.HIP_BWD_DKDV_GATHER, _hip_dkdv_gather_kernel, g_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
+    l_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "bsq", "W"]}
+    l_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK32=f32, DV32=f32, DK=x, DV=x, **l_ints,
+                 qk_scale="fp32", scale="fp32")
+    yield (spaces.HIP_BWD_DKDV_LOCAL, _hip_dkdv_local_kernel, l_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
