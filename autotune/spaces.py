@@ -200,3 +200,61 @@ HIP_BWD_DKDV_LOCAL = Tuner("hip_bwd_dkdv_local", [
 ], lambda c, b: _hip_valid(c, b, 2))
 HIP_ATTENTION = [HIP_FWD, HIP_BWD_DQ, HIP_BWD_DKDV_GATHER, HIP_BWD_DKDV_LOCAL]
 ALL = ALL + HIP_ATTENTION
+
+
+# Bi-level routing attention; bucket = (dtype name, head dim, region class RS in {16, 32, 64}:
+# pow2 of the tokens per region, clamped to [16, 64]). The region side of a tile (forward / dQ:
+# the query tile BM; dK/dV: the KV tile BN) must equal RS for RS 16 / 32 and be >= 64 for RS 64;
+# the other side packs several routed (or routing) regions.
+def _rt(w, st, rs, **kw) -> Config:
+    return Config({"RS": rs, **kw}, w, st)
+
+
+def _rt_valid(cfg: Config, bucket: tuple, region_side: str, acc_tiles: int) -> bool:
+    _, D, rs = bucket
+    side = cfg.kw[region_side]
+    if cfg.kw["RS"] != rs or (side != rs if rs < 64 else side < 64):
+        return False
+    rows = cfg.kw["BM"] if acc_tiles == 1 else cfg.kw["BN"]
+    return acc_tiles * rows * pow2(D) <= 128 * 32 * cfg.num_warps
+
+
+ROUTING_FWD = Tuner("routing_fwd", [
+    _rt(4, 2, 64, BM=64, BN=64),
+    _rt(4, 3, 64, BM=64, BN=64),
+    _rt(8, 2, 64, BM=128, BN=64),
+    _rt(4, 2, 64, BM=64, BN=128),
+    _rt(4, 2, 64, BM=64, BN=32),
+    _rt(4, 2, 32, BM=32, BN=64),
+    _rt(4, 2, 32, BM=32, BN=128),
+    _rt(2, 2, 32, BM=32, BN=64),
+    _rt(4, 2, 16, BM=16, BN=64),
+    _rt(4, 2, 16, BM=16, BN=128),
+    _rt(2, 2, 16, BM=16, BN=64),
+    _rt(4, 2, 16, BM=16, BN=32),
+], lambda c, b: _rt_valid(c, b, "BM", 1))
+ROUTING_BWD_DQ = Tuner("routing_bwd_dq", [
+    _rt(4, 2, 64, BM=64, BN=32),
+    _rt(4, 2, 64, BM=64, BN=64),
+    _rt(8, 2, 64, BM=128, BN=32),
+    _rt(8, 2, 64, BM=128, BN=64),
+    _rt(4, 2, 32, BM=32, BN=32),
+    _rt(4, 2, 32, BM=32, BN=64),
+    _rt(4, 2, 16, BM=16, BN=32),
+    _rt(4, 2, 16, BM=16, BN=64),
+    _rt(2, 2, 16, BM=16, BN=32),
+], lambda c, b: _rt_valid(c, b, "BM", 1))
+# dK/dV: BN = the KV tile (one region's slots), BM = the packed query tile of the inverse routing.
+ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
+    _rt(4, 1, 64, BM=32, BN=64),
+    _rt(8, 1, 64, BM=64, BN=64),
+    _rt(4, 2, 64, BM=32, BN=64),
+    _rt(8, 1, 64, BM=32, BN=128),
+    _rt(4, 1, 32, BM=32, BN=32),
+    _rt(4, 1, 32, BM=64, BN=32),
+    _rt(4, 1, 16, BM=32, BN=16),
+    _rt(4, 1, 16, BM=64, BN=16),
+    _rt(2, 1, 16, BM=32, BN=16),
+], lambda c, b: _rt_valid(c, b, "BN", 2))
+ROUTING = [ROUTING_FWD, ROUTING_BWD_DQ, ROUTING_BWD_DKDV]
+ALL = ALL + ROUTING

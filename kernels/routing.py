@@ -1,0 +1,319 @@
+"""Bi-level routing attention (BiFormer) on the block-sparse core.
+
+Layout: q, k, v ``[B, N, H, D]`` contiguous (N = n1 n2 tokens in row-major order; a 1-D input is
+a 1 x T image). Region r = (s1, s2) is the box ``[s1 r1, (s1+1) r1) x [s2 r2, (s2+1) r2)`` of the
+padded grid; slot l in [0, RT = r1 r2) of region r is the position (s1 r1 + l // r2, s2 r2 + l % r2),
+a real token when inside (n1, n2). Tokens are read where they lie (row offsets computed per slot,
+int64), never copied into a region-major or gathered layout.
+
+Walks (``idx`` = the routing ``[B, HR, R, topk]``, HR = 1 shared / H per head):
+* forward / dQ (``_route_q_kernel``): one program per (query tile, batch x head); a query tile is
+  BM consecutive slots of one region (the whole region when it is small). It walks the packed KV
+  positions p in [0, topk RT): position p is slot ``p % RT`` of region ``idx[r, p // RT]``, BN
+  positions per tile, so small regions (BiFormer's late stages: 4 tokens) are packed several to a
+  KV tile and tl.dot sees full-width tiles. Padded keys are masked (-inf) on the tiles that hold
+  any (none when the sizes divide and the tile is full).
+* dK / dV (``_route_kv_kernel``): one program per (KV tile of one region r', batch x head); it
+  walks the inverse routing, the CSR list of query regions that routed to r' (built once per call
+  by ``inverse_routing`` with torch ops: a sort of unique keys, deterministic, no atomics),
+  packed the same way: position p is query slot ``p % RT`` of the ``p // RT``-th query region of
+  the list. Padded queries read lse = +inf (P = 0); padded keys are not stored.
+
+Work per program (head dim D, BD = pow2(D)): the forward visits ceil(topk RT / BN) KV tiles of BN
+keys for each query tile of BM queries: 4 BM BN BD FLOPs and 2 BN D itemsize bytes of K/V per
+visit; dQ 6 BM BN BD per visit, dK/dV 8 BM BN BD per (KV tile, query tile of the inverse list).
+Useful FLOPs of the whole op: 4 B H Nq_real Nk_routed D forward (Nk_routed = real keys of the
+routed regions), 2.5x that for the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..autotune import bench_launch, spaces
+from ..reference import routing as _ref
+from .block_sparse import LOG2E, bwd_delta, dkdv_update, dq_update, fwd_finish, fwd_update, load_rows, precision
+from .common import empty, pow2
+
+__all__ = ["RoutingAttentionFunction", "routing_attention", "inverse_routing", "route_fwd", "route_bwd",
+           "region_class", "compile_specs"]
+
+
+@triton.jit
+def _slots(reg, l, n1, n2, S2, R1, R2, RT):
+    """Flat token index and validity of slot(s) ``l`` of region(s) ``reg`` (tensors of one shape)."""
+    i = (reg // S2) * R1 + l // R2
+    j = (reg % S2) * R2 + l % R2
+    ok = (l < RT) & (i < n1) & (j < n2)
+    return i * n2 + j, ok
+
+
+@triton.jit
+def _route_q_kernel(
+    Q, K, V, O, LSE, DO, DELTA, DQ, IDX,
+    n1, n2, S2, R1, R2, RT, H, TOPK, idx_sb, idx_sh, nqt, padded, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BWD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) of one query tile."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    reg = pid // nqt
+    t = pid % nqt
+    ntok = n1 * n2
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+
+    tok, q_ok = _slots(reg, t * BM + tl.arange(0, BM), n1, n2, S2, R1, R2, RT)
+    stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
+    q_rows = stat_rows * D
+    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
+    if BWD:
+        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a query that saw no key: P = 0
+        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        dq = tl.zeros([BM, BD], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+
+    idx_base = b.to(tl.int64) * idx_sb + h * idx_sh + reg * TOPK
+    total = TOPK * RT
+    for p0 in range(0, total, BN):
+        p = p0 + tl.arange(0, BN)
+        p_ok = p < total
+        kreg = tl.load(IDX + idx_base + p // RT, mask=p_ok, other=0)
+        ktok, k_ok = _slots(kreg, p % RT, n1, n2, S2, R1, R2, RT)
+        k_ok = k_ok & p_ok
+        k_rows = ((b.to(tl.int64) * ntok + ktok) * H + h) * D
+        kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
+        vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        if BWD:
+            sc = tl.math.exp2(sc - lse[:, None])
+            fill = 0.0
+        else:
+            fill = float("-inf")
+        full = (p0 + BN <= total) & (padded == 0)
+        if not full:
+            sc = tl.where(k_ok[None, :], sc, fill)
+        if BWD:
+            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
+        else:
+            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
+    if BWD:
+        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=q_ok[:, None] & d_ok[None, :])
+    else:
+        o, lse_out = fwd_finish(acc, m_i, l_i)
+        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+
+
+@triton.jit
+def _route_kv_kernel(
+    Q, K, V, LSE, DO, DELTA, DK, DV, INV_OFF, INV_IDX,
+    n1, n2, S2, R1, R2, RT, H, inv_sb, inv_sh, nkt, qk_scale, scale,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """dK, dV of one KV tile (BN slots of one region) over the query regions routed to it."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kreg = pid // nkt
+    t = pid % nkt
+    ntok = n1 * n2
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+
+    ktok, k_ok = _slots(kreg, t * BN + tl.arange(0, BN), n1, n2, S2, R1, R2, RT)
+    k_rows = ((b.to(tl.int64) * ntok + ktok) * H + h) * D
+    k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
+    v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
+    key = b.to(tl.int64) * inv_sb + h * inv_sh + kreg
+    start = tl.load(INV_OFF + key)
+    cnt = tl.load(INV_OFF + key + 1) - start
+    total = cnt * RT
+
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    for p0 in range(0, total, BM):
+        p = p0 + tl.arange(0, BM)
+        p_ok = p < total
+        qreg = tl.load(INV_IDX + start + p // RT, mask=p_ok, other=0)
+        qtok, q_ok = _slots(qreg, p % RT, n1, n2, S2, R1, R2, RT)
+        q_ok = q_ok & p_ok
+        stat_rows = (b.to(tl.int64) * ntok + qtok) * H + h
+        qt = load_rows(Q, stat_rows * D, q_ok, offs_d, d_ok)
+        dot_ = load_rows(DO, stat_rows * D, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))  # padded queries: P = 0
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        # padded keys of this tile get garbage rows of P, but their dK/dV rows are never stored
+        # and a row of dK/dV depends only on its own row of P: no key mask needed
+        pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
+        dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+    tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# routing tables
+
+
+def inverse_routing(idx: torch.Tensor, R: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The CSR transpose of a routing ``idx [B, HR, R, topk]`` (no repeats in a row): for key region
+    r' of (b, hr), the query regions that routed to it are ``inv[off[j]:off[j+1]]`` with
+    ``j = (b HR + hr) R + r'``, in increasing order. Returns (off int32 [B HR R + 1], inv int32
+    [B HR R topk]). Torch ops only: a sort of unique int64 keys and a searchsorted, so the result
+    is deterministic on every device."""
+    B, HR, _, topk = idx.shape
+    dev = idx.device
+    grp = torch.arange(B * HR, device=dev, dtype=torch.int64).reshape(B, HR, 1, 1)
+    src = torch.arange(R, device=dev, dtype=torch.int64).reshape(1, 1, R, 1)
+    comp = ((grp * R + idx.to(torch.int64)) * R + src).reshape(-1)     # (key region id, query region), unique
+    comp = torch.sort(comp).values
+    inv = (comp % R).to(torch.int32)
+    bounds = torch.arange(B * HR * R + 1, device=dev, dtype=torch.int64) * R
+    off = torch.searchsorted(comp, bounds).to(torch.int32)
+    return off, inv
+
+
+def region_class(RT: int) -> int:
+    """The tuner bucket's region-size class: 16, 32 or 64 (= at least 64 tokens per region). The
+    query tile of the forward / dQ and the KV tile of dK/dV hold one region's slots, so their size
+    follows the region: a 4-token region gets 16-row tiles, not 64."""
+    return min(64, max(16, pow2(RT)))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _geom_args(g: _ref.RegionGeometry):
+    return (g.n1, g.n2, g.S2, g.r1, g.r2, g.RT)
+
+
+def _bucket(q, g):
+    return (str(q.dtype).replace("torch.", ""), q.shape[-1], region_class(g.RT))
+
+
+def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
+    B, _, H, D = q.shape
+    HR, topk = idx.shape[1], idx.shape[-1]
+    BM = cfg.kw["BM"]
+    nqt = triton.cdiv(g.RT, BM)
+    grid = (g.R * nqt, B * H)
+    return _route_q_kernel[grid](
+        q, k, v, o, lse, do, delta, dq, idx, *_geom_args(g), H, topk, HR * g.R * topk,
+        (g.R * topk) if HR > 1 else 0, nqt, int(g.padded), scale * LOG2E, scale,
+        D=D, BD=pow2(D), BM=BM, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def route_fwd(q, k, v, idx, g, scale):
+    """q, k, v ``[B, N, H, D]`` contiguous, idx int32 ``[B, HR, R, topk]`` -> (o, lse [B, N, H] fp32)."""
+    o = empty(q.shape, q.dtype, q.device)
+    lse = empty(q.shape[:-1], torch.float32, q.device)
+
+    def launch(cfg):  # do / delta / dq are not read when bwd=False
+        return _launch_q(cfg, g, scale, q, k, v, o, lse, q, lse, q, idx, bwd=False)
+
+    cfg = spaces.ROUTING_FWD.choose(_bucket(q, g), q.device, lambda c: bench_launch(lambda: launch(c)))
+    launch(cfg)
+    return o, lse
+
+
+def route_bwd(q, k, v, o, lse, do, idx, g, scale):
+    B, _, H, D = q.shape
+    HR = idx.shape[1]
+    delta = bwd_delta(o, do)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    off, inv = inverse_routing(idx, g.R)
+    bucket = _bucket(q, g)
+
+    def launch_dq(cfg):
+        return _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd=True)
+
+    def launch_dkdv(cfg):
+        BN = cfg.kw["BN"]
+        nkt = triton.cdiv(g.RT, BN)
+        return _route_kv_kernel[(g.R * nkt, B * H)](
+            q, k, v, lse, do, delta, dk, dv, off, inv, *_geom_args(g), H, HR * g.R, g.R if HR > 1 else 0, nkt,
+            scale * LOG2E, scale, D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=BN, PREC=precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = spaces.ROUTING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
+    launch_dq(cfg)
+    cfg = spaces.ROUTING_BWD_DKDV.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c)))
+    launch_dkdv(cfg)
+    return dq, dk, dv
+
+
+class RoutingAttentionFunction(torch.autograd.Function):
+    """(q, k, v, idx, geom, scale) -> o with q, k, v contiguous ``[B, N, H, D]``, idx int32
+    contiguous ``[B, HR, R, topk]`` (HR = 1 or H), geom a ``RegionGeometry``. The routing is not
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, geom, scale):
+        o, lse = route_fwd(q, k, v, idx, geom, scale)
+        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.geom, ctx.scale = geom, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, idx = ctx.saved_tensors
+        dq, dk, dv = route_bwd(q, k, v, o, lse, do.contiguous(), idx, ctx.geom, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: float, routing):
+    """The Triton path of ``subquad.bilevel_routing_attention`` on validated inputs: routing with
+    the reference's torch ops (region means, affinity, stable top-k: a few small ops), then the
+    kernels. Returns (o in q's shape, routing int64)."""
+    spatial = tuple(q.shape[1:-2])
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    g = _ref.region_geometry(spatial, num_regions)
+    q3, k3, v3 = (x.reshape(B, g.N, H, D).contiguous() for x in (q, k, v))
+    if isinstance(routing, str):
+        out_idx = _ref.route(q3, k3, g, topk, routing == "per_head")
+    else:
+        out_idx = routing.to(torch.int64)
+    idx = (out_idx if out_idx.dim() == 4 else out_idx[:, None]).to(torch.int32).contiguous()
+    o = RoutingAttentionFunction.apply(q3, k3, v3, idx, g, scale)
+    return o.reshape(q.shape), out_idx
+
+
+def compile_specs(dtype: str, K: int, V: int):
+    """Static compile check entries (see ``subquad.autotune.check``) for head dim K (= V), every
+    region-size class: (tuner, jit function, signature, constexprs(cfg), buckets)."""
+    if K > 128:
+        return
+    tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    x, f32, i32 = f"*{tdt}", "*fp32", "*i32"
+    geo = {name: "i32" for name in ["n1", "n2", "S2", "R1", "R2", "RT", "H"]}
+    prec = precision(getattr(torch, dtype))
+    buckets = [(dtype, K, c) for c in (16, 32, 64)]
+    q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, IDX=i32, **geo, TOPK="i32", idx_sb="i32",
+                 idx_sh="i32", nqt="i32", padded="i32", qk_scale="fp32", scale="fp32")
+    for tuner, bwd in ((spaces.ROUTING_FWD, False), (spaces.ROUTING_BWD_DQ, True)):
+        yield (tuner, _route_q_kernel, q_sig,
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec), buckets)
+    kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, INV_OFF=i32, INV_IDX=i32, **geo,
+                  inv_sb="i32", inv_sh="i32", nkt="i32", qk_scale="fp32", scale="fp32")
+    yield (spaces.ROUTING_BWD_DKDV, _route_kv_kernel, kv_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
