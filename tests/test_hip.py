@@ -1,0 +1,230 @@
+"""HiP sparse attention kernels (kernels/hip.py) vs the definition, for given selections.
+
+The selection is held fixed here: random valid ``blocks`` tables (ascending unique key-block
+indices of each query block's search range, -1 padded at the end) and the full-budget table, so
+the attention kernels are tested independently of the tree search. Expected values: dense masked
+attention in float64 over a visibility mask restated here from the contract (and checked against
+``reference.hip.hip_visible``); the low-precision comparison point of the flash rule is
+``reference.hip.hip_attention_reference`` in the kernel's dtype. Forward and dq/dk/dv, fp32 and
+fp16 (bf16 on a GPU), odd lengths, partial query and key blocks, decoding (Tq < Tk, Tq = 1),
+GQA, windows and sinks that overlap, empty selections, every config of the HIP_* spaces.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from subquad.kernels.hip import hip_sparse_attention
+from subquad.reference import hip as ref
+
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def random_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb, seed=0, fill=1.0):
+    """A valid selection: per (b, h, query block) up to Kb distinct key blocks of the block's search
+    range [S, E), ascending, -1 padded; ``fill`` < 1 selects fewer than possible (more padding)."""
+    g = torch.Generator().manual_seed(seed)
+    nqb = _cdiv(Tq, bsq)
+    blocks = torch.full((B, H, nqb, Kb), -1, dtype=torch.int32)
+    for qb in range(nqb):
+        E = Tk - Tq + qb * bsq - W + 1
+        nb = _cdiv(max(E - S, 0), bk)
+        n = min(nb, Kb, int(math.ceil(fill * Kb)))
+        for b in range(B):
+            for h in range(H):
+                if n:
+                    blocks[b, h, qb, :n] = torch.randperm(nb, generator=g)[:n].sort().values.to(torch.int32)
+    return blocks
+
+
+def full_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb):
+    """Every key block of the search range (needs Kb >= NB for every query block)."""
+    nqb = _cdiv(Tq, bsq)
+    blocks = torch.full((B, H, nqb, Kb), -1, dtype=torch.int32)
+    for qb in range(nqb):
+        nb = _cdiv(max(Tk - Tq + qb * bsq - W + 1 - S, 0), bk)
+        assert nb <= Kb
+        blocks[:, :, qb, :nb] = torch.arange(nb, dtype=torch.int32)
+    return blocks
+
+
+def visible(blocks, Tq, Tk, bsq, bk, S, W):
+    """bool [B, H, Tq, Tk], restated from the contract: key j is visible to query i (position
+    p = Tk - Tq + i, block qb = i // bsq, E = Tk - Tq + qb bsq - W + 1) iff j <= p and (j < S, or
+    j >= E, or S <= j < E and (j - S) // bk is a selected block of (b, h, qb))."""
+    B, H, _, _ = blocks.shape
+    i = torch.arange(Tq)
+    p = Tk - Tq + i
+    E = Tk - Tq + (i // bsq) * bsq - W + 1
+    j = torch.arange(Tk)
+    jb = torch.where(j >= S, (j - S) // bk, torch.full_like(j, -2))  # -2: never a block index
+    sel = (blocks.long()[:, :, i // bsq, :, None] == jb).any(-2)  # [B, H, Tq, Tk]
+    in_range = (j[None, :] >= S) & (j[None, :] < E[:, None])
+    return (j[None, :] <= p[:, None]) & ((j < S)[None, :] | (j[None, :] >= E[:, None]) | (in_range & sel))
+
+
+def naive64(q, k, v, vis, scale):
+    """Dense masked attention in float64 ([B, Tq, H, D]); rows with nothing visible give 0."""
+    H, Hkv = q.shape[2], k.shape[2]
+    qq = q.double().permute(0, 2, 1, 3)
+    kk = k.double().repeat_interleave(H // Hkv, 2).permute(0, 2, 1, 3)
+    vv = v.double().repeat_interleave(H // Hkv, 2).permute(0, 2, 1, 3)
+    s = (qq @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~vis.to(s.device), float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    l = p.sum(-1, keepdim=True)
+    return ((p @ vv) / torch.where(l == 0, torch.ones_like(l), l)).permute(0, 2, 1, 3)
+
+
+def _grads(fn, q, k, v, do):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves)
+    return (o,) + torch.autograd.grad((o.double() * do.double()).sum(), leaves)
+
+
+def _check(B, Tq, Tk, H, Hkv, D, bsq, bk, S, W, Kb, dtype, fill=1.0, blocks=None, grads=True, seed=0):
+    q = randn(B, Tq, H, D, dtype=dtype, seed=seed + 1)
+    k = randn(B, Tk, Hkv, D, dtype=dtype, seed=seed + 2)
+    v = randn(B, Tk, Hkv, D, dtype=dtype, seed=seed + 3)
+    if blocks is None:
+        blocks = random_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb, seed=seed, fill=fill)
+    geo = dict(block_size_q=bsq, block_size_k=bk, sink_tokens=S, window=W)
+    scale = D ** -0.5
+    vis = visible(blocks, Tq, Tk, bsq, bk, S, W)
+    blocks_dev = blocks.to(DEVICE)
+    do = torch.randn(q.shape, dtype=torch.float32, device=DEVICE)
+
+    def kernel(a, b, c):
+        return hip_sparse_attention(a, b, c, blocks_dev, **geo)
+
+    def lowp(a, b, c):
+        return ref.hip_attention_reference(a, b, c, blocks_dev, **geo)
+
+    def exact(a, b, c):
+        return naive64(a, b, c, vis, scale)
+
+    if not grads:
+        with torch.no_grad():
+            got, low, ex = kernel(q, k, v), lowp(q, k, v), exact(q, k, v)
+        assert got.dtype == dtype
+        assert_close("o", got, ex, low)
+        return got
+    got, low, ex = _grads(kernel, q, k, v, do), _grads(lowp, q, k, v, do), _grads(exact, q, k, v, do)
+    assert got[0].dtype == dtype
+    for name, a, b, c in zip(["o", "dq", "dk", "dv"], got, ex, low):
+        assert_close(name, a, b, c)
+    return got[0]
+
+
+# (B, Tq, Tk, H, Hkv, D, bsq, bk, S, W, Kb): hand-picked corners
+CASES = {
+    "prefill-odd": (1, 75, 75, 2, 1, 16, 16, 2, 4, 8, 5),           # partial last query block, GQA
+    "prefill-bk3": (2, 53, 53, 2, 2, 16, 16, 3, 5, 7, 4),           # key blocks of 3, partial last block
+    "prefill-bsq5": (1, 37, 37, 1, 1, 24, 5, 2, 3, 4, 3),           # query block of 5 (tile rows masked), D=24
+    "chunk-Tq<Tk": (1, 20, 90, 4, 2, 16, 16, 2, 6, 10, 6),          # chunked prefill: queries at Tk-Tq+i
+    "decode-1": (1, 1, 300, 2, 1, 16, 64, 2, 16, 32, 8),            # one query
+    "decode-3": (1, 3, 157, 2, 2, 32, 64, 4, 7, 19, 5),             # a few queries, Tq < block_size_q
+    "sinks-overlap-local": (1, 40, 40, 1, 1, 16, 8, 2, 20, 10, 4),  # local region reaches into the sinks
+    "no-window-no-sinks": (1, 33, 33, 2, 1, 16, 16, 2, 0, 0, 4),    # first query of block 0 sees nothing
+    "window-covers-all": (1, 29, 29, 1, 1, 16, 16, 2, 4, 64, 2),    # dense causal through the local region
+    "bsq-over-tile": (1, 150, 150, 1, 1, 16, 100, 2, 8, 12, 10),    # 100-query blocks: 2 tiles of 64 per block
+}
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_kernel_matches_definition(case, dtype):
+    _check(*CASES[case], dtype)
+
+
+def test_padding_only_and_partial_fill():
+    """Selections with fewer blocks than Kb (-1 padding in the middle of the budget) and none at all."""
+    _check(1, 64, 64, 2, 1, 16, 16, 2, 4, 4, 8, torch.float32, fill=0.4)
+    B, Tq, Tk, H = 1, 48, 48, 1
+    empty_sel = torch.full((B, H, 3, 4), -1, dtype=torch.int32)
+    _check(B, Tq, Tk, H, 1, 16, 16, 2, 4, 4, 4, torch.float32, blocks=empty_sel)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(70, 70), (9, 83)])
+def test_full_budget_is_dense_causal(Tq, Tk):
+    """Every block of every search range selected: dense causal attention (queries at Tk - Tq + i)."""
+    B, H, Hkv, D, bsq, bk, S, W = 1, 2, 1, 16, 16, 2, 4, 8
+    Kb = _cdiv(Tk, bk)
+    q = randn(B, Tq, H, D, seed=5)
+    k = randn(B, Tk, Hkv, D, seed=6)
+    v = randn(B, Tk, Hkv, D, seed=7)
+    blocks = full_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb).to(DEVICE)
+    o = hip_sparse_attention(q, k, v, blocks, block_size_q=bsq, block_size_k=bk, sink_tokens=S, window=W)
+    causal = torch.arange(Tk)[None, :] <= (Tk - Tq + torch.arange(Tq))[:, None]
+    want = naive64(q, k, v, causal.expand(B, H, Tq, Tk), D ** -0.5)
+    torch.testing.assert_close(o.double().cpu(), want.cpu(), atol=2e-5, rtol=1e-4)
+
+
+def test_visibility_restatement_matches_reference():
+    """The test's visibility mask (from the contract) and reference.hip.hip_visible agree."""
+    for (B, Tq, Tk, H, Hkv, D, bsq, bk, S, W, Kb) in CASES.values():
+        blocks = random_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb, seed=3, fill=0.7)
+        mine = visible(blocks, Tq, Tk, bsq, bk, S, W)
+        theirs = ref.hip_visible(blocks, Tq, Tk, block_size_q=bsq, block_size_k=bk, sink_tokens=S, window=W)
+        assert torch.equal(mine, theirs.cpu())
+
+
+def test_decode_work_does_not_grow_with_tk():
+    """One query at Tk = 2^20 with a reused selection: the kernel walks only sinks + selected blocks
+    + window (under the interpreter a walk over Tk would take minutes; here it is ~15 tiles), and
+    keys no query can see are NaN, so touching one would poison the output."""
+    B, Tq, Tk, H, D, bsq, bk, S, W, Kb = 1, 1, 1 << 20, 1, 16, 64, 2, 16, 64, 32
+    q = randn(B, Tq, H, D, seed=1)
+    k = torch.full((B, Tk, H, D), float("nan"), device=DEVICE)
+    v = torch.full((B, Tk, H, D), float("nan"), device=DEVICE)
+    blocks = random_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb, seed=4)
+    vis = visible(blocks, Tq, Tk, bsq, bk, S, W)[0, 0, 0]
+    idx = vis.nonzero()[:, 0].to(DEVICE)
+    assert idx.numel() == S + Kb * bk + W
+    k[:, idx] = randn(B, idx.numel(), H, D, seed=2)
+    v[:, idx] = randn(B, idx.numel(), H, D, seed=3)
+    t0 = time.perf_counter()
+    o = hip_sparse_attention(q, k, v, blocks.to(DEVICE), block_size_q=bsq, block_size_k=bk, sink_tokens=S, window=W)
+    if o.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    s = (q[0, 0, 0].double() @ k[0, idx, 0].double().T) * D ** -0.5
+    want = torch.softmax(s, -1) @ v[0, idx, 0].double()
+    torch.testing.assert_close(o[0, 0, 0].double(), want, atol=2e-5, rtol=1e-4)
+    assert elapsed < 30, f"decoding one token took {elapsed:.1f} s: the walk grows with Tk"
+
+
+def _hip_configs():
+    from subquad.autotune import spaces
+
+    return [(t, c) for t in spaces.HIP_ATTENTION for c in t.space]
+
+
+@pytest.mark.parametrize("tuner,cfg", _hip_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
+def test_every_config(tuner, cfg, monkeypatch):
+    """Every config of every HIP_* space computes the same function (the tuner may pick any on a GPU)."""
+    monkeypatch.setattr(tuner, "choose", lambda bucket, device, bench: cfg)
+    _check(1, 70, 70, 2, 1, 16, 32, 3, 4, 9, 6, torch.float32, seed=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("case", [
+    (1, 2048, 2048, 8, 2, 128, 64, 2, 16, 256, 256),    # prefill, issue defaults (topk 512)
+    (2, 1000, 1531, 4, 4, 64, 64, 2, 16, 128, 64),      # chunked prefill, odd lengths
+    (1, 777, 777, 4, 1, 96, 48, 3, 10, 100, 40),        # D=96, bsq 48, bk 3
+    (1, 4, 65536, 8, 2, 128, 64, 2, 16, 256, 256),      # decoding, a few queries at 64k
+], ids=lambda c: "x".join(map(str, c)))
+def test_kernel_large(case, dtype):
+    _check(*case, dtype, fill=0.9)
