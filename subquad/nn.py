@@ -1,0 +1,83 @@
+"""``torch.nn`` modules built on subquad's ops.
+
+``BiLevelRoutingAttention``: BiFormer's attention block (qkv projection, region routing, routed
+token attention, LePE, output projection) on ``subquad.bilevel_routing_attention``, which reads
+K/V where they lie instead of gathering the routed regions' tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .routing import bilevel_routing_attention
+
+__all__ = ["BiLevelRoutingAttention"]
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-level routing attention block (BiFormer), input and output ``[B, Hi, Wi, C]``.
+
+    ``y = proj(attn(q, k, v) + lepe(v))`` with ``q, k, v = qkv(x)`` split into ``num_heads`` heads
+    of ``C / num_heads`` channels; ``attn`` = ``subquad.bilevel_routing_attention`` with shared
+    routing (one routing for all heads, region affinity summed over heads: BiFormer's
+    channel-wide region query/key product), ``num_regions`` regions per dim and ``topk`` routed
+    regions; ``lepe`` = a depthwise ``side_dwconv x side_dwconv`` convolution over V (zero
+    padding, with bias; none when ``side_dwconv == 0``).
+
+    Args:
+        dim: channels C (a multiple of num_heads).
+        num_heads: heads.
+        num_regions: regions per spatial dim (BiFormer's n_win): an int or (S_h, S_w).
+        topk: regions routed per region.
+        qk_scale: the attention scale; default ``(C / num_heads) ** -0.5`` (per-head, the usual
+            convention). BiFormer's released models used the full channel dim, ``C ** -0.5``:
+            pass ``qk_scale=dim ** -0.5`` to match them (and load their ``qkv``, ``lepe``,
+            ``wo`` weights into ``qkv``, ``lepe``, ``proj``).
+        side_dwconv: LePE kernel size (odd), 0 for no LePE.
+        qkv_bias: bias in the qkv projection.
+        backend: passed to ``bilevel_routing_attention`` ("auto": Triton on CUDA).
+
+    Differences from BiFormer's released code, by design: sizes not divisible by num_regions
+    are not zero-padded into the routing and the softmax (region means count real tokens only,
+    padded keys take part in no softmax); the routing is not differentiable (as in the released
+    models: ``param_routing=False, diff_routing=False``, no routing weights).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, num_regions: Union[int, Sequence[int]] = 7, topk: int = 4,
+                 qk_scale: Optional[float] = None, side_dwconv: int = 5, qkv_bias: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim must be a multiple of num_heads, got dim={dim}, num_heads={num_heads}")
+        if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
+            raise ValueError(f"side_dwconv must be 0 or an odd kernel size, got {side_dwconv}")
+        self.dim, self.num_heads, self.topk = dim, num_heads, topk
+        self.num_regions = num_regions
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5 if qk_scale is None else float(qk_scale)
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+                     if side_dwconv > 0 else None)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        """x ``[B, Hi, Wi, C]`` -> ``[B, Hi, Wi, C]`` (and the routing ``[B, R, topk]`` if asked)."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, Hi, Wi, C={self.dim}], got shape {tuple(x.shape)}")
+        B, Hi, Wi, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, Hi, Wi, 3, self.num_heads, self.head_dim).unbind(3)
+        o, idx = bilevel_routing_attention(q, k, v, num_regions=self.num_regions, topk=self.topk, scale=self.scale,
+                                           routing="shared", backend=self.backend, return_routing=True)
+        o = o.reshape(B, Hi, Wi, C)
+        if self.lepe is not None:
+            o = o + self.lepe(v.reshape(B, Hi, Wi, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.proj(o)
+        return (y, idx) if return_routing else y
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, num_regions={self.num_regions}, topk={self.topk}, "
+                f"scale={self.scale:.4g}, backend={self.backend!r}")
