@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
         "bench": ["matplotlib", "pytest-benchmark>=4"],
     },
 )
