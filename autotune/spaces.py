@@ -181,6 +181,10 @@ HIP_FWD = Tuner("hip_fwd", [
     _c(4, 2, BM=64, BN=32),
     _c(8, 2, BM=128, BN=64),
     _c(8, 3, BM=64, BN=128),
+    _c(8, 2, BM=64, BN=32),
+    _c(8, 1, BM=64, BN=64),
+    _c(4, 2, BM=32, BN=64),
+    _c(8, 2, BM=32, BN=64),
 ], lambda c, b: _hip_valid(c, b, 1))
 HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(4, 2, BM=64, BN=32),
@@ -188,6 +192,10 @@ HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(4, 2, BM=32, BN=32),
     _c(4, 1, BM=64, BN=32),
     _c(8, 2, BM=128, BN=32),
+    _c(8, 2, BM=64, BN=32),
+    _c(8, 1, BM=64, BN=32),
+    _c(4, 1, BM=32, BN=32),
+    _c(8, 2, BM=32, BN=32),
 ], lambda c, b: _hip_valid(c, b, 1))
 HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(4, 1, BM=64, BN=32),

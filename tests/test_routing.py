@@ -1,0 +1,200 @@
+"""Bi-level routing attention kernels vs the reference: forward and dq/dk/dv under the flash rule,
+1-D and 2-D, divisible and padded sizes, tiny (1-4 tokens) and large regions, shared / per-head /
+supplied routing, topk = 1 and topk = all regions, an empty routed set; the inverse routing table;
+every config of the spaces; the nn module vs the same composition in plain torch ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import subquad
+import subquad.nn
+from subquad.reference import routing as ref
+
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _grads(fn, q, k, v, do):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves)
+    return (o,) + torch.autograd.grad((o.double() * do.double()).sum(), leaves)
+
+
+def _check(B, spatial, H, D, S, topk, routing, dtype):
+    q = randn(B, *spatial, H, D, dtype=dtype, seed=1)
+    k = randn(B, *spatial, H, D, dtype=dtype, seed=2)
+    v = randn(B, *spatial, H, D, dtype=dtype, seed=3)
+    do = torch.randn(q.shape, dtype=torch.float32, device=DEVICE)
+    if isinstance(routing, torch.Tensor):
+        routing = routing.to(DEVICE)
+    kw = dict(num_regions=S, topk=topk)
+    _, idx = subquad.bilevel_routing_attention(q, k, v, routing=routing, backend="triton", return_routing=True, **kw)
+    if isinstance(routing, str):  # the reference routes the same (same torch ops, same device)
+        _, idx_ref = subquad.bilevel_routing_attention(q, k, v, routing=routing, backend="reference",
+                                                       return_routing=True, **kw)
+        assert torch.equal(idx, idx_ref)
+    got = _grads(lambda a, b, c: subquad.bilevel_routing_attention(a, b, c, routing=routing, backend="triton", **kw),
+                 q, k, v, do)
+    low = _grads(lambda a, b, c: subquad.bilevel_routing_attention(a, b, c, routing=idx, backend="reference", **kw),
+                 q, k, v, do)
+    Sd = tuple(S) if isinstance(S, (list, tuple)) else (S,) * len(spatial)
+    exact = _grads(lambda a, b, c: ref.bilevel_routing_attention_naive(a, b, c, Sd, topk, routing=idx)[0],
+                   q, k, v, do)
+    assert got[0].dtype == dtype
+    for name, a, b, c in zip(["o", "dq", "dk", "dv"], got, exact, low):
+        assert_close(name, a, b, c)
+
+
+# (B, spatial, H, D, num_regions, topk, routing)
+CASES = [
+    (1, (8, 8), 2, 16, 4, 3, "shared"),             # 2x2 = 4-token regions packed 16 per KV tile
+    (1, (11, 13), 2, 32, (3, 4), 2, "per_head"),    # padded both dims, 4x4 boxes
+    (1, (150,), 1, 16, 2, 1, "shared"),             # 75-token regions: several query / KV tiles each
+    (1, (13,), 2, 48, 13, 5, "per_head"),           # 1-token regions, head dim 48 (padded to 64)
+    (1, (9, 10), 1, 16, (3, 5), 15, "shared"),      # topk = all regions = full attention
+    (2, (20,), 1, 16, 5, 1, "shared"),              # topk 1, batch 2
+]
+
+
+def _id(c):
+    return f"n{'x'.join(map(str, c[1]))}-H{c[2]}-D{c[3]}-S{c[4]}-k{c[5]}-{c[6]}".replace(" ", "")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_kernel_matches_reference(case, dtype):
+    _check(*case, dtype)
+
+
+def test_supplied_routing_with_an_empty_routed_set():
+    """9 tokens in 4 regions of 3 (region 3 empty); region 0 routed to {3} only: o = 0 and zero,
+    finite gradients there (the kernel's lse = -inf rows), per-head routing supplied by the caller."""
+    idx = torch.tensor([[[3, 0], [1, 0], [0, 2], [2, 3]], [[0, 3], [2, 1], [3, 2], [1, 0]]])[None]  # [1, 2, 4, 2]
+    _check(1, (9,), 2, 16, 4, 2, idx, torch.float32)
+    one = torch.tensor([[[3], [1], [0], [2]]])                                                  # [1, 4, 1]
+    _check(1, (9,), 2, 16, 4, 1, one, torch.float32)
+    q = randn(1, 9, 2, 16, seed=1)
+    o = subquad.bilevel_routing_attention(q, q, q, num_regions=4, topk=1, routing=one.to(DEVICE), backend="triton")
+    assert (o[0, :3] == 0).all()
+
+
+def test_inverse_routing():
+    from subquad.kernels.routing import inverse_routing
+
+    g = torch.Generator().manual_seed(0)
+    B, HR, R, topk = 2, 3, 7, 3
+    idx = torch.stack([torch.randperm(R, generator=g)[:topk] for _ in range(B * HR * R)]).reshape(B, HR, R, topk)
+    off, inv = inverse_routing(idx.to(DEVICE), R)
+    assert off.dtype == torch.int32 and inv.dtype == torch.int32
+    off, inv = off.cpu().long(), inv.cpu().long()
+    assert off[0] == 0 and off[-1] == B * HR * R * topk
+    for b in range(B):
+        for h in range(HR):
+            for rk in range(R):
+                j = (b * HR + h) * R + rk
+                want = [r for r in range(R) if rk in idx[b, h, r].tolist()]
+                assert inv[off[j]:off[j + 1]].tolist() == want
+
+
+def test_routing_is_returned_and_deterministic():
+    q, k, v = (randn(2, 6, 5, 1, 16, seed=s) for s in (1, 2, 3))
+    a = subquad.bilevel_routing_attention(q, k, v, num_regions=(3, 2), topk=2, backend="triton", return_routing=True)
+    b = subquad.bilevel_routing_attention(q, k, v, num_regions=(3, 2), topk=2, backend="triton", return_routing=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[1].shape == (2, 6, 2) and a[1].dtype == torch.int64
+
+
+# every config of every routing space computes the same function (the tuner may pick any on a GPU)
+_RS_CASE = {
+    16: (1, (6, 4), 2, 16, (3, 2), 3, "per_head"),  # 2x2 = 4-token regions
+    32: (1, (10, 4), 1, 16, (2, 1), 1, "shared"),   # 5x4 = 20-token regions
+    64: (1, (11, 13), 1, 16, (1, 1), 1, "shared"),  # one 143-token region
+}
+
+
+def _configs():
+    from subquad.autotune import spaces
+
+    return [(t, c) for t in spaces.ROUTING for c in t.space]
+
+
+@pytest.mark.parametrize("tuner,cfg", _configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
+def test_every_config(tuner, cfg, monkeypatch):
+    monkeypatch.setattr(tuner, "choose", lambda bucket, device, bench: cfg)
+    from subquad.kernels.routing import region_class
+
+    case = _RS_CASE[cfg.kw["RS"]]
+    g = ref.region_geometry(case[1], case[4] if isinstance(case[4], tuple) else (case[4],) * len(case[1]))
+    assert region_class(g.RT) == cfg.kw["RS"]
+    _check(*case, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("case", [
+    (2, (56, 56), 2, 32, 7, 4, "shared"),
+    (2, (14, 14), 8, 32, 7, 16, "shared"),
+    (1, (150, 125), 2, 32, 7, 4, "per_head"),
+    (1, (4096,), 4, 64, 32, 4, "shared"),
+    (1, (33, 47), 2, 128, (5, 6), 7, "per_head"),
+], ids=_id)
+def test_kernel_large(case, dtype):
+    _check(*case, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the module
+
+
+def _module_by_hand(m: subquad.nn.BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
+    """The block in plain torch ops, float64: linear, region means by explicit loops over boxes,
+    affinity, stable top-k, dense masked softmax, depthwise conv, linear."""
+    x = x.double()
+    B, Hi, Wi, C = x.shape
+    nh, hd = m.num_heads, m.head_dim
+    S = m.num_regions if isinstance(m.num_regions, (tuple, list)) else (m.num_regions,) * 2
+    qkv = F.linear(x, m.qkv.weight.double(), None if m.qkv.bias is None else m.qkv.bias.double())
+    q, k, v = qkv.reshape(B, Hi, Wi, 3, nh, hd).unbind(3)
+    idx = ref.route_naive(q, k, (Hi, Wi), S, m.topk)                        # [B, R, topk]
+    mask = ref.routing_mask(idx.to(x.device), (Hi, Wi), S)[:, 0]            # [B, N, N]
+    qh, kh, vh = (t.reshape(B, Hi * Wi, nh, hd).transpose(1, 2) for t in (q, k, v))
+    s = (qh @ kh.transpose(-1, -2)) * m.scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    o = (torch.softmax(s, -1) @ vh).transpose(1, 2).reshape(B, Hi, Wi, C)
+    lepe = F.conv2d(v.reshape(B, Hi, Wi, C).permute(0, 3, 1, 2), m.lepe.weight.double(), m.lepe.bias.double(),
+                    padding=m.lepe.padding, groups=C).permute(0, 2, 3, 1)
+    return F.linear(o + lepe, m.proj.weight.double(), m.proj.bias.double())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("shape,heads,S,topk", [((2, 8, 8, 32), 2, 4, 3), ((1, 7, 5, 32), 2, (3, 2), 2)])
+def test_module_matches_plain_torch(backend, shape, heads, S, topk):
+    torch.manual_seed(0)
+    m = subquad.nn.BiLevelRoutingAttention(shape[-1], num_heads=heads, num_regions=S, topk=topk, side_dwconv=3,
+                                           qkv_bias=True, backend=backend).to(DEVICE)
+    x = randn(*shape, seed=7)
+    y, idx = m(x, return_routing=True)
+    want = _module_by_hand(m, x)
+    assert y.shape == x.shape and idx.shape == (shape[0], math.prod(S if isinstance(S, tuple) else (S, S)), topk)
+    torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=1e-4)
+    y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_module_options():
+    m = subquad.nn.BiLevelRoutingAttention(64, num_heads=4, num_regions=7, topk=4)
+    assert m.scale == 16 ** -0.5 and m.lepe.kernel_size == (5, 5) and m.qkv.bias is None
+    assert subquad.nn.BiLevelRoutingAttention(64, qk_scale=64 ** -0.5).scale == 64 ** -0.5
+    assert subquad.nn.BiLevelRoutingAttention(64, side_dwconv=0).lepe is None
+    with pytest.raises(ValueError, match="dim must be a multiple of num_heads"):
+        subquad.nn.BiLevelRoutingAttention(30, num_heads=8)
+    with pytest.raises(ValueError, match="side_dwconv must be 0 or an odd"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2, side_dwconv=4)
+    with pytest.raises(ValueError, match=r"x must be \[B, Hi, Wi, C=32\]"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2)(torch.randn(1, 8, 32))
