@@ -6,4 +6,4 @@ speed table; ``python bench/<family>.py`` runs one family's full benchmark. See 
 
 # The families ``python -m bench`` runs, in order: each is a module ``bench.<name>`` with
 # ``check() -> list[dict]`` and ``run(quick: bool, out_dir: str) -> dict``.
-FAMILIES = ["lightning", "neighborhood", "hip"]
+FAMILIES = ["lightning", "neighborhood", "hip", "routing"]
