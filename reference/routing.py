@@ -317,8 +317,32 @@ def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequ
 
 def gather_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequence[int], topk: int,
                      scale: Optional[float] = None, routing="shared") -> Tensor:
-    """BiFormer's approach, as the benchmark's baseline: route, then gather the routed regions'
-    K/V into one ``[B, H, R, topk r1 r2, D]`` copy (topk times K/V) and attend with batched
-    matmuls, plain autograd (the gather's backward is a scatter-add / index_add). Same semantics as
-    ``bilevel_routing_attention`` (padded keys masked)."""
-    return bilevel_routing_attention(q, k, v, num_regions, topk, scale, routing, chunk_elements=None)[0]
+    """BiFormer's approach, as the benchmark's baseline (plain autograd, no chunking): route, lay
+    q, k, v out region-major (a copy), gather the routed regions' K/V into one
+    ``[B, H, R, topk r1 r2, D]`` copy (topk times K/V; its backward is an index_add), then batched
+    matmuls in the input dtype with the softmax in fp32, as BiFormer's block runs under autocast.
+    Padded keys are masked (BiFormer lets them in); a query region whose routed regions hold no
+    real key gets NaN (the benchmark has none). Returns o ``[B, *spatial, H, D]``."""
+    spatial = tuple(q.shape[1:-2])
+    B, H, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    g = region_geometry(spatial, num_regions)
+    scale = D ** -0.5 if scale is None else float(scale)
+    q3, k3, v3 = (x.reshape(B, g.N, H, x.shape[-1]) for x in (q, k, v))
+    if isinstance(routing, str):
+        idx = route(q3, k3, g, topk, routing == "per_head")
+    else:
+        idx = routing.to(torch.int64)
+    idx = _as_routing(idx)
+    qr, kr, vr = to_regions(q3, g), to_regions(k3, g), to_regions(v3, g)        # [B, H, R, RT, D]
+    bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1) * g.R
+    ix = (bh + idx.expand(B, H, g.R, topk)).reshape(-1)
+    kg = kr.reshape(B * H * g.R, g.RT * D).index_select(0, ix).reshape(B, H, g.R, topk * g.RT, D)
+    vg = vr.reshape(B * H * g.R, g.RT * Dv).index_select(0, ix).reshape(B, H, g.R, topk * g.RT, Dv)
+    s = (qr * scale) @ kg.transpose(-1, -2)                                     # [B, H, R, RT, topk RT]
+    if g.padded:
+        _, valid = region_tokens(g, q.device)
+        kbias = torch.zeros(valid.shape, dtype=s.dtype, device=q.device).masked_fill(~valid, float("-inf"))
+        s = s + kbias[idx].reshape(B, idx.shape[1], g.R, 1, topk * g.RT)
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    o = p @ vg
+    return from_regions(o, g).reshape(B, *spatial, H, Dv)
