@@ -280,11 +280,11 @@ ALL = ALL + ROUTING
 # padded selected-block count, block_size_k and strided-query count. NR: gathered keys per tl.dot
 # (2 x CH nodes' children x BK tokens; at least 2 BK). Every config is valid for every bucket.
 HIP_SELECT = Tuner("hip_select", [
+    _c(8, 1, NR=64),
     _c(8, 1, NR=128),
-    _c(8, 1, NR=256),
-    _c(4, 1, NR=128),
     _c(4, 1, NR=64),
-    _c(8, 2, NR=256),
-    _c(4, 2, NR=128),
+    _c(4, 1, NR=128),
+    _c(8, 1, NR=256),
+    _c(8, 2, NR=128),
 ])
 ALL = ALL + [HIP_SELECT]
