@@ -7,39 +7,41 @@ Per program (query block qb of batch b, query head h, kv head h // GROUP):
   ``NB = ceil(max(E - S, 0) / bk)`` key blocks, ``Kb = ceil(topk / bk)``. If ``NB <= Kb`` the row
   is ``0 .. NB-1`` then -1s and the program ends.
 * Otherwise the strided queries (rows ``qb bq + t query_stride`` that exist, padded to NQS >= 16
-  rows) are loaded once ``[NQS, D]``, and the kept nodes of the tree are kept as their starts only:
-  every kept node of round t sits at depth t of the fixed partition tree (initial group i =
-  ``[floor(i NB / Kb), floor((i+1) NB / Kb))``, each node of size g >= 2 split at ``floor(g/2)``, a
-  node of size 1 its own child), so (start, depth) determines the node; ``_descend`` recovers its
-  end in t integer steps. A round:
-  1. for chunks of CH kept nodes: both children of each (the right one only when the node has
-     >= 2 blocks), their representative blocks ``start + floor(size/2)``, the 2 CH x BK tokens
-     gathered as one key tile ``[2 CH BK, D]`` -> ``tl.dot`` with the strided queries -> max over
-     the queries and over each block's tokens -> one int64 sort key per child: the fp32 score
-     mapped to an order-preserving int32 in the high word, ``2^32 - 1 - start`` in the low word
-     (so a larger key = higher score, then lower start: the reference's tie rule), invalid
-     children at INT64_MIN; keys go to a per-program scratch row ``[2 KBP]``;
-  2. ``tl.topk`` of the 2 KBP keys keeps the best KBP (sorted); the first Kb are the new kept
-     nodes, whose starts go to a scratch row ``[KBP]`` for the next round's chunks.
-  Rounds: ``ceil(log2(ceil(NB / Kb)))`` (then every kept node is a single block); the Kb starts
-  are sorted (``tl.sort``) and written.
-* Scratch rows live in global memory (L2), one per program of a launch; rounds are separated by
-  ``tl.debug_barrier`` (a CTA barrier, which orders the program's own global stores before its
-  loads) and scratch loads bypass L1 (``.cg``). Launches cover at most ~64 MiB of scratch; longer
-  inputs are launched in several waves of query blocks.
+  rows) are loaded once ``[NQS, D]``. The kept nodes of the tree live in a per-program scratch
+  row as (start, end) pairs, in position order; round 0 holds the Kb initial groups
+  ``[floor(i NB / Kb), floor((i+1) NB / Kb))`` (int32 arithmetic without overflow). A round:
+  1. for chunks of CH kept nodes: both children of each (left = first ``floor(g/2)`` blocks,
+     right = the rest, only when the node has ``g >= 2`` blocks; a single block is its own
+     child), their representative blocks ``start + floor(size/2)``, the ``2 CH x BK`` tokens
+     gathered as one key tile ``[NR = 2 CH BK, D]`` -> ``tl.dot`` with the strided queries -> max
+     over the queries and over each block's tokens -> per child the fp32 score mapped to an
+     order-preserving integer in ``[0, 2^32)`` (invalid children -1), stored with the child's
+     (start, end) at position ``2 node + side``, i.e. in position order;
+  2. the Kb-th largest score ``thr`` is found exactly by a radix search, 4 bits a step (8 steps
+     of 16 candidate counts over the 2 KBP children); kept = score > thr, plus the first (lowest
+     start) children with score == thr up to Kb in all (the reference's tie rule); a prefix sum
+     compacts them, still in position order, into the kept-node row.
+  Rounds: ``ceil(log2(ceil(NB / Kb)))`` (then every kept node is a single block, and the row is
+  already sorted); the Kb starts are written.
+* Scratch rows live in global memory (L2), one per program of a launch; the steps are separated
+  by ``tl.debug_barrier`` (a CTA barrier, which orders the program's own global stores before its
+  loads) and scratch loads bypass L1 (``.cg``). Launches cover at most ``SCRATCH_BYTES`` of
+  scratch (40 KBP bytes a program); longer inputs run in several waves of query blocks.
+* Counts of boolean masks are summed in fp32 (exact): LLVM turns an integer sum of an i1 tensor
+  into a bit-packed popcount that goes through local memory (a stack frame in the compile check).
 
 Exactness: fp32 inputs use IEEE dots, so a score differs from the reference's torch matmul only
 by summation order (a few ulps); the selection is identical unless two children's scores are that
 close (a near-tie flips). Integer-valued inputs make every dot exact: the tests use them to
-check the selection and the tie rule exactly. -0.0 is mapped to +0.0 before packing (torch sorts
-them as equal).
+check the selection and the tie rule exactly. -0.0 is mapped to +0.0 (torch ranks them equal).
 
-Counts per program (D = head dim, s = itemsize, R = rounds): ``R`` rounds of
-``2 KBP BK`` gathered keys: ``2 NQS D x 2 KBP BK`` FLOPs (padded; useful:
-``2 ceil(bq / query_stride) D x 2 Kb bk``) and ``2 KBP BK D s`` bytes of K per round; plus
-``20 KBP`` bytes of scratch traffic per round and one bitonic top-k over 2 KBP int64 keys. At the
-defaults (topk 512, bk 2, bq 64, stride 2, D 128, fp16) and T = 128k: R = 8 rounds at the last
-query blocks, 8.4 MFLOP and 256 KiB of gathered K per round per program.
+Counts per program and round (D = head dim, s = itemsize): ``2 KBP BK`` gathered keys (padded;
+useful ``<= 2 Kb bk``): ``2 NQS D x 2 KBP BK`` FLOPs of ``tl.dot`` (useful
+``2 ceil(bq / query_stride) D x 2 Kb bk``), ``2 KBP BK D s`` bytes of K, ``40 KBP`` bytes of
+scratch traffic, ``8 x 16 x 2 KBP`` integer compares for the threshold. At the defaults (topk 512,
+bk 2, bq 64, stride 2: Kb = KBP = 256, NQS = 32) and D = 128, fp16: 8.4 MFLOP and 256 KiB of
+gathered K per round; rounds = ceil(log2(NB / 256)), 8 for the last query blocks at T = 128k,
+so about 67 MFLOP per (query block, head): 4.4 TFLOP for T = 128k, H = 32 (2048 query blocks).
 
 Supported (checked in ``subquad.hip``): head dim 16..256, ``block_size_k <= 128``,
 ``ceil(block_size_q / query_stride) <= 128``, ``ceil(topk / block_size_k) <= 2048``; any

@@ -116,9 +116,9 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
     blocks = torch.full((B, H, NQB, Kb), -1, dtype=torch.int32, device=dev)
     cdt = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
-        kflat = k.detach().to(cdt).permute(0, 2, 1, 3).reshape(B * Hkv * Tk, D)
-        head_base = ((torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(H, device=dev)[None, :] // G)
-                     * Tk)  # [B, H] row of (b, kv head of h, token 0)
+        kd = k.detach()
+        bi = torch.arange(B, device=dev)[:, None, None]  # gathers index k directly: no O(Tk) copy
+        hki = (torch.arange(H, device=dev) // G)[None, :, None]
         u = torch.arange(bk, device=dev)
         for qb in range(NQB):
             E = search_end(Tq, Tk, qb, block_size_q=bq, window=W)
@@ -141,8 +141,7 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
                 rep = c_start + c_size // 2
                 tok = S + rep[..., None] * bk + u  # [B, H, 2Kb, bk] tokens of the representative blocks
                 tok_ok = (tok < E) & c_valid[..., None]
-                idx = head_base[:, :, None, None] + tok.clamp(max=Tk - 1)
-                keys = kflat[idx.reshape(B, H, -1)]  # [B, H, 2Kb bk, D]
+                keys = kd[bi, tok.clamp(max=Tk - 1).reshape(B, H, -1), hki].to(cdt)  # [B, H, 2Kb bk, D]
                 sc = torch.matmul(qs, keys.transpose(-1, -2)).amax(2)  # max over the strided queries
                 sc = sc.reshape(B, H, 2 * Kb, bk).masked_fill(~tok_ok, float("-inf")).amax(-1)
                 # rank: valid children first, then score descending, ties by position (stable sorts)
@@ -238,9 +237,8 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
     NQB, Kb = blocks.shape[2], blocks.shape[3]
     dev = q.device
     sdt = torch.promote_types(q.dtype, torch.float32)
-    kf = k.permute(0, 2, 1, 3).reshape(B * Hkv * Tk, D)
-    vf = v.permute(0, 2, 1, 3).reshape(B * Hkv * Tk, D)
-    head_base = (torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(H, device=dev)[None, :] // G) * Tk
+    bi = torch.arange(B, device=dev)[:, None, None, None]  # gathers index k, v directly: no O(Tk) copy
+    hki = (torch.arange(H, device=dev) // G)[None, :, None, None]
     blk = _clean_blocks(blocks.to(dev))
     Lloc = W + bq - 1
     L = S + Kb * bk + Lloc
@@ -263,9 +261,9 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
         i = qbs[:, None] * bq + torch.arange(bq, device=dev)  # [n, bq]
         p = Tk - Tq + i
         ok = static_ok[..., None, :] & (tok[..., None, :] <= p[:, :, None])  # [B, H, n, bq, L]
-        idx = head_base[:, :, None, None] + tok.clamp(0, Tk - 1)
-        kk = kf[idx]  # [B, H, n, L, D]
-        vv = vf[idx]
+        tok = tok.clamp(0, Tk - 1)
+        kk = k[bi, tok, hki]  # [B, H, n, L, D]
+        vv = v[bi, tok, hki]
         qq = q[:, i.clamp(max=Tq - 1).reshape(-1)].reshape(B, n, bq, H, D).permute(0, 3, 1, 2, 4)
         s = torch.matmul(qq, kk.transpose(-1, -2)).to(sdt) * scale  # [B, H, n, bq, L]
         o = _softmax_av(s, ok, vv)

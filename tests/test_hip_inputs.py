@@ -1,0 +1,197 @@
+"""HiP public API: every documented input error (type, message), the API end to end on the
+reference backend, masks (fields, reuse, reuse at a grown decoding cache), return_mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subquad
+from subquad import HipMask, hip_attention, hip_mask
+from subquad.reference import hip as ref
+
+from helpers import DEVICE
+
+KW = dict(topk=6, block_size_q=8, block_size_k=2, query_stride=2, sink_tokens=2, window=5)
+AKW = dict(block_size_q=8, block_size_k=2, sink_tokens=2, window=5)
+
+
+def _qkv(B=1, Tq=30, Tk=30, H=2, Hkv=1, D=16, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Tq, H, D, generator=g).to(dtype).to(device)
+    k = torch.randn(B, Tk, Hkv, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, Tk, Hkv, D, generator=g).to(dtype).to(device)
+    return q, k, v
+
+
+def test_reference_end_to_end():
+    q, k, v = _qkv(B=2, Tq=21, Tk=40, H=4, Hkv=2)
+    o, mask = hip_attention(q, k, v, return_mask=True, backend="reference", **KW)
+    blocks = ref.select_blocks(q, k, **KW)
+    assert isinstance(mask, HipMask) and torch.equal(mask.blocks, blocks)
+    assert (mask.B, mask.Tq, mask.Tk, mask.H, mask.H_kv) == (2, 21, 40, 4, 2)
+    assert mask.params() == KW
+    assert o.shape == q.shape and o.dtype == q.dtype
+    torch.testing.assert_close(o.double(), ref.hip_attention_naive(q, k, v, blocks, **AKW), rtol=1e-5, atol=1e-5)
+    # auto on CPU = reference; a passed mask skips estimation and gives the same output
+    o2, mask2 = hip_attention(q, k, v, mask=mask, return_mask=True, **KW)
+    assert mask2 is mask and torch.equal(o2, o)
+    m = hip_mask(q, k, **KW)
+    assert torch.equal(m.blocks, blocks) and "HipMask(" in repr(m)
+
+
+def test_defaults_and_gradients():
+    """Default parameters (topk 512, bq 64, bk 2, stride 2, S 16, W 256) at a length where the
+    search range exceeds the budget; gradients flow to q, k, v with the mask fixed."""
+    q, k, v = _qkv(Tq=1500, Tk=1500, H=1, D=16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o, mask = hip_attention(q, k, v, return_mask=True)
+    assert (mask.blocks[..., -1] >= 0).any()  # the late query blocks pick exactly Kb = 256 blocks
+    dense = ref.hip_attention_naive(q, k, v, mask.blocks, block_size_q=64, block_size_k=2, sink_tokens=16,
+                                    window=256)
+    torch.testing.assert_close(o.double(), dense, rtol=1e-5, atol=1e-5)
+    do = torch.randn_like(o)
+    g1 = torch.autograd.grad((o * do).sum(), (q, k, v))
+    g2 = torch.autograd.grad((dense * do.double()).sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_mask_reuse_at_grown_cache():
+    """A mask made for one decoding query at Tk0 is reused while the cache grows: the result is
+    HiP with window + (Tk - Tk0) over the same blocks (every new key attended)."""
+    B, H, Hkv, D, Tk0 = 1, 2, 1, 16, 300
+    _, k, v = _qkv(Tq=1, Tk=Tk0 + 6, H=H, Hkv=Hkv, D=D)
+    q0 = torch.randn(B, 1, H, D)
+    mask = hip_mask(q0, k[:, :Tk0], **KW)
+    assert mask.Tk == Tk0
+    for d in (0, 1, 5):
+        q = torch.randn(B, 1, H, D)
+        o = hip_attention(q, k[:, :Tk0 + d], v[:, :Tk0 + d], mask=mask, **KW)
+        want = ref.hip_attention_naive(q, k[:, :Tk0 + d], v[:, :Tk0 + d], mask.blocks,
+                                       **dict(AKW, window=KW["window"] + d))
+        torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-5)
+        vis = ref.hip_visible(mask.blocks, 1, Tk0 + d, **dict(AKW, window=KW["window"] + d))
+        assert vis[..., Tk0 - KW["window"] + 1:].all()  # the old local region and every new key
+        assert mask.window_at(Tk0 + d) == KW["window"] + d
+
+
+def test_decoding_long_cache_reference():
+    """One query at Tk = 2^18 with a reused mask: the reference gathers only its candidate keys."""
+    Tk = 1 << 18
+    k = torch.randn(1, Tk, 1, 16)
+    v = torch.randn(1, Tk, 1, 16)
+    q = torch.randn(1, 1, 1, 16)
+    kw = dict(KW, topk=64, window=32)
+    mask = hip_mask(q, k[:, :Tk - 3], **kw)
+    o = hip_attention(q, k, v, mask=mask, **kw)
+    blocks = mask.blocks
+    sel = sorted({t for j in blocks[0, 0, 0].tolist() if j >= 0 for t in (2 + 2 * j, 3 + 2 * j)})
+    keys = [0, 1] + sel + list(range(Tk - 3 - 32, Tk))  # sinks, selected, local region (grown by 3)
+    s = (q[0, 0, 0] @ k[0, keys, 0].T) * 16 ** -0.5
+    want = torch.softmax(s.double(), 0).float() @ v[0, keys, 0]
+    torch.testing.assert_close(o[0, 0, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def _err(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_bad_tensors():
+    q, k, v = _qkv()
+    _err(TypeError, "q must be a torch.Tensor", hip_attention, q.numpy(), k, v)
+    _err(TypeError, "q must have dtype", hip_attention, q.long(), k, v)
+    _err(ValueError, "q must have 4 dims", hip_attention, q[0], k, v)
+    _err(ValueError, "v must have 4 dims", hip_attention, q, k, v[0])
+    _err(TypeError, r"k must have the dtype of q \(torch.float32\), got torch.float16", hip_attention, q, k.half(), v)
+    _err(ValueError, "k must have q's batch size", hip_attention, q, torch.cat([k, k]), torch.cat([v, v]))
+    _err(ValueError, "k must have q's head dim", hip_attention, q, k[..., :8], v[..., :8])
+    _err(ValueError, "v must have k's shape", hip_attention, q, k, v[:, :20])
+    _err(ValueError, "positive multiple of k's heads", hip_attention, q, k.expand(1, 30, 3, 16),
+         v.expand(1, 30, 3, 16))
+    _err(ValueError, "Tq=30 must be <= k's length Tk=20", hip_attention, q, k[:, :20], v[:, :20])
+    _err(ValueError, "at least one query", hip_attention, q[:, :0], k, v)
+    _err(ValueError, "Tq=30 must be <= k's length", hip_mask, q, k[:, :20])
+    _err(TypeError, "k must be a torch.Tensor", hip_mask, q, None)
+
+
+@pytest.mark.parametrize("name,value,exc,match", [
+    ("topk", 0, ValueError, "topk must be >= 1, got 0"),
+    ("topk", 2.0, TypeError, "topk must be an int, got float"),
+    ("topk", True, TypeError, "topk must be an int, got bool"),
+    ("block_size_q", 0, ValueError, "block_size_q must be >= 1"),
+    ("block_size_k", -2, ValueError, "block_size_k must be >= 1"),
+    ("query_stride", 0, ValueError, "query_stride must be >= 1"),
+    ("sink_tokens", -1, ValueError, "sink_tokens must be >= 0"),
+    ("window", -1, ValueError, "window must be >= 0, got -1"),
+    ("window", None, TypeError, "window must be an int"),
+    ("scale", 0.0, ValueError, "scale must be > 0"),
+    ("scale", -0.5, ValueError, "scale must be > 0"),
+    ("scale", float("nan"), ValueError, "scale must be finite"),
+    ("scale", "0.1", TypeError, "scale must be a float"),
+    ("backend", "cuda", ValueError, "backend must be one of"),
+    ("return_mask", 1, TypeError, "return_mask must be a bool"),
+])
+def test_bad_arguments(name, value, exc, match):
+    q, k, v = _qkv()
+    _err(exc, match, hip_attention, q, k, v, **{name: value})
+    if name not in ("return_mask",):
+        _err(exc, match, hip_mask, q, k, **{name: value})
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(block_size_k=256), "block_size_k must be <= 128 for the Triton backend, got 256"),
+    (dict(block_size_q=512, query_stride=2), r"at most 128 strided queries .* ceil\(512 / 2\) = 256"),
+    (dict(topk=5000, block_size_k=2), r"at most 2048 selected blocks .* ceil\(5000 / 2\) = 2500"),
+])
+def test_triton_limits(kw, match):
+    q, k, v = _qkv()
+    _err(ValueError, match, hip_attention, q, k, v, backend="triton", **kw)
+    _err(ValueError, match, hip_mask, q, k, backend="triton", **kw)
+    hip_mask(q, k, backend="reference", **kw)  # the reference takes them
+
+
+def test_triton_head_dim():
+    q, k, v = _qkv(D=8)
+    _err(ValueError, r"head dim D must be in \[16, 256\] for the Triton backend, got 8", hip_attention, q, k, v,
+         backend="triton")
+    _err(ValueError, "head dim D must be in", hip_mask, q, k, backend="triton")
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv()
+    _err(ValueError, "backend='triton' needs CUDA tensors", hip_attention, q, k, v, backend="triton")
+
+
+def test_bad_masks():
+    q, k, v = _qkv(Tq=20, Tk=40)
+    mask = hip_mask(q, k, **KW)
+    _err(TypeError, "mask must be a HipMask", hip_attention, q, k, v, mask=mask.blocks, **KW)
+    _err(ValueError, "mask was made with topk=6, but this call has topk=512", hip_attention, q, k, v, mask=mask)
+    _err(ValueError, "mask was made with window=5, but this call has window=6", hip_attention, q, k, v, mask=mask,
+         **dict(KW, window=6))
+    _err(ValueError, "mask was made with query_stride=2", hip_attention, q, k, v, mask=mask,
+         **dict(KW, query_stride=1))
+    _err(ValueError, "mask was made for Tq=20, but the inputs have Tq=19", hip_attention, q[:, 1:], k, v, mask=mask,
+         **KW)
+    q2, k2, v2 = _qkv(B=2, Tq=20, Tk=40)
+    _err(ValueError, "mask was made for B=1", hip_attention, q2, k2, v2, mask=mask, **KW)
+    q3, k3, v3 = _qkv(Tq=20, Tk=40, H=4, Hkv=2)
+    _err(ValueError, "mask was made for H=2", hip_attention, q3, k3, v3, mask=mask, **KW)
+    q4, k4, v4 = _qkv(Tq=20, Tk=40, H=2, Hkv=2)
+    _err(ValueError, "mask was made for H_kv=1", hip_attention, q4, k4, v4, mask=mask, **KW)
+    _err(ValueError, "mask was made at Tk=40 keys; it can be reused only at Tk >= 40", hip_attention, q, k[:, :39],
+         v[:, :39], mask=mask, **KW)
+    bad = HipMask(mask.blocks.long(), **KW, B=1, Tq=20, Tk=40, H=2, H_kv=1)
+    _err(ValueError, "mask.blocks must be an int32 tensor of shape", hip_attention, q, k, v, mask=bad, **KW)
+    bad = HipMask(mask.blocks[..., :2], **KW, B=1, Tq=20, Tk=40, H=2, H_kv=1)
+    _err(ValueError, r"mask.blocks must be an int32 tensor of shape \(1, 2, 3, 3\)", hip_attention, q, k, v,
+         mask=bad, **KW)
+
+
+def test_exported():
+    assert subquad.hip_attention is hip_attention and subquad.hip_mask is hip_mask
+    assert {"hip_attention", "hip_mask", "HipMask"} <= set(subquad.__all__)
+    assert DEVICE in ("cpu", "cuda")
