@@ -165,45 +165,56 @@ NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]
 ALL = LIGHTNING + NEIGHBORHOOD
 
 
-# HiP sparse attention (kernels/hip.py); bucket = (dtype name, head dim). BM: query rows per
+# HiP sparse attention (kernels/hip.py); bucket = (dtype name, head dim, decoding). BM: query rows per
 # program (clamped by the launcher to the padded query block / Tq), BN: keys per KV tile (the
 # gathered list packs BN / block_size_k selected key blocks into one tile).
-def _hip_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
+def _hip_valid(cfg: Config, bucket: tuple, acc_tiles: int, small_above_128: bool = False) -> bool:
+    """fp32 accumulators within ~128 registers a thread; ``small_above_128``: at D > 128 only
+    32 x 32 tiles (dQ spills with larger ones at D = 256; the gathered dK/dV kernel needs 8 warps,
+    one stage, BM <= 64 and BN = 32 there)."""
     D = bucket[1]
+    if small_above_128 and pow2(D) > 128 and cfg.kw["BM"] * cfg.kw["BN"] > 32 * 32:
+        return False
     rows = cfg.kw["BM"] if acc_tiles == 1 else cfg.kw["BN"]
     return acc_tiles * rows * pow2(D) <= 128 * 32 * cfg.num_warps
 
 
+# Defaults (the first valid config of each bucket) compile without spills for sm_80 and sm_90 at
+# D = 64, 128, 256 on triton 3.6 and 3.9 (checked; the forward spills on 3.6 at D=128 with 4
+# warps, or with BN=64 and 8 warps).
 HIP_FWD = Tuner("hip_fwd", [
-    _c(8, 2, BM=64, BN=64),  # 4 warps spill on sm_80 (and on sm_90 at D=128)
+    _c(8, 2, BM=64, BN=32),
+    _c(8, 2, BM=64, BN=64),
     _c(4, 2, BM=64, BN=64),
     _c(4, 3, BM=64, BN=64),
     _c(4, 2, BM=64, BN=32),
     _c(8, 2, BM=128, BN=64),
     _c(8, 3, BM=64, BN=128),
-    _c(8, 2, BM=64, BN=32),
     _c(8, 1, BM=64, BN=64),
     _c(4, 2, BM=32, BN=64),
     _c(8, 2, BM=32, BN=64),
 ], lambda c, b: _hip_valid(c, b, 1))
 HIP_BWD_DQ = Tuner("hip_bwd_dq", [
+    _c(8, 2, BM=64, BN=32),
     _c(4, 2, BM=64, BN=32),
     _c(8, 2, BM=64, BN=64),
     _c(4, 2, BM=32, BN=32),
     _c(4, 1, BM=64, BN=32),
     _c(8, 2, BM=128, BN=32),
-    _c(8, 2, BM=64, BN=32),
     _c(8, 1, BM=64, BN=32),
     _c(4, 1, BM=32, BN=32),
     _c(8, 2, BM=32, BN=32),
-], lambda c, b: _hip_valid(c, b, 1))
+], lambda c, b: _hip_valid(c, b, 1, True))
 HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(4, 1, BM=64, BN=32),
     _c(8, 2, BM=64, BN=32),
     _c(8, 2, BM=64, BN=64),
     _c(4, 1, BM=32, BN=32),
     _c(8, 1, BM=128, BN=32),
-], lambda c, b: _hip_valid(c, b, 2))
+    _c(8, 1, BM=64, BN=32),
+    _c(8, 1, BM=32, BN=32),
+], lambda c, b: _hip_valid(c, b, 2) and (pow2(b[1]) <= 128 or (c.num_warps, c.num_stages) == (8, 1)
+                                          and c.kw["BM"] <= 64 and c.kw["BN"] <= 32))
 HIP_BWD_DKDV_LOCAL = Tuner("hip_bwd_dkdv_local", [
     _c(8, 1, BM=32, BN=32),
     _c(4, 1, BM=32, BN=32),

@@ -451,12 +451,17 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None) -> dict:
         payload["summary"] = summarize_gpu(payload)
         return _write(out_dir, stem, payload, gpu_markdown(payload), quick, plot_gpu)
 
-    # decoding first (cheap), then prefill from the smallest T, then the capture fractions
+    # the smallest prefill first (it tunes the prefill kernels at a cheap size), then decoding
+    # (cheap; the decoding bucket is tuned apart), then the larger prefills, then the capture
+    for T in Ts[:1]:
+        payload["prefill"] += prefill_rows(T, quick, deadline)
+        torch.cuda.empty_cache()
+        write()
     for Tk in DECODE_TK:
         payload["decode"] += decode_rows(Tk, deadline)
         torch.cuda.empty_cache()
         write()
-    for T in Ts:
+    for T in Ts[1:]:
         payload["prefill"] += prefill_rows(T, quick, deadline)
         torch.cuda.empty_cache()
         write()

@@ -313,7 +313,9 @@ def _hip_dkdv_local_kernel(
 
 
 def _bucket(q):
-    return (str(q.dtype).replace("torch.", ""), q.shape[-1])
+    """(dtype, head dim, decoding): decoding (Tq <= 16, one 16-row tile per head) is tuned apart
+    from prefill, so a first decoding call does not pick the prefill kernels' tiles."""
+    return (str(q.dtype).replace("torch.", ""), q.shape[-1], q.shape[1] <= 16)
 
 
 def _q_grid(cfg, q, k, bsq):
@@ -454,7 +456,7 @@ def compile_specs(dtype: str, K: int, V: int):
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x, f32 = f"*{tdt}", "*fp32"
     prec = precision(getattr(torch, dtype))
-    buckets = [(dtype, K)]
+    buckets = [(dtype, K, False), (dtype, K, True)]
     q_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "RPB", "bsq", "bk", "S", "W"]}
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", **q_ints, qk_scale="fp32",
                  scale="fp32")
