@@ -222,7 +222,9 @@ HIP_BWD_DKDV_LOCAL = Tuner("hip_bwd_dkdv_local", [
     _c(8, 1, BM=64, BN=64),
     _c(4, 1, BM=16, BN=32),
 ], lambda c, b: _hip_valid(c, b, 2))
-HIP_ATTENTION = [HIP_FWD, HIP_BWD_DQ, HIP_BWD_DKDV_GATHER, HIP_BWD_DKDV_LOCAL]
+# split-K decoding: the combine of the parts (elementwise, BR rows a program; no tuning)
+HIP_COMBINE = Tuner("hip_combine", [_c(4, 1, BR=16)])
+HIP_ATTENTION = [HIP_FWD, HIP_BWD_DQ, HIP_BWD_DKDV_GATHER, HIP_BWD_DKDV_LOCAL, HIP_COMBINE]
 ALL = ALL + HIP_ATTENTION
 
 

@@ -123,15 +123,24 @@ def _q_tile(pid0, GROUP, RPB, bsq, Tq, BM: tl.constexpr):
 @triton.jit
 def _hip_q_kernel(
     Q, K, V, O, LSE, DO, DELTA, DQ, BLK,
-    Tq, Tk, H, GROUP, NQB, Kb, RPB, bsq, bk, S, W, qk_scale, scale,
+    Tq, Tk, H, GROUP, NQB, Kb, RPB, bsq, bk, S, W, qk_scale, scale, NSPLIT, n_stat,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
-    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) of one query tile of one head."""
+    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) of one query tile of one head.
+    SPLIT (forward only): program axis 0 also runs over NSPLIT parts of the tile walk (gathered
+    tiles then local tiles, as one sequence cut into NSPLIT runs); each part writes its normalised
+    o (fp32) and lse to part s of O [NSPLIT, n_stat, D] / LSE [NSPLIT, n_stat] for
+    ``_hip_combine_kernel``."""
     pid_bk = tl.program_id(1)
     Hkv = H // GROUP
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
-    hh, qb, rows, q_ok, row0, row_end = _q_tile(tl.program_id(0), GROUP, RPB, bsq, Tq, BM)
+    pid0 = tl.program_id(0)
+    if SPLIT:
+        part = pid0 % NSPLIT
+        pid0 = pid0 // NSPLIT
+    hh, qb, rows, q_ok, row0, row_end = _q_tile(pid0, GROUP, RPB, bsq, Tq, BM)
     if row0 >= row_end:
         return
     h = hk * GROUP + hh
@@ -142,6 +151,20 @@ def _hip_q_kernel(
     p_lo = off + row0
     p_hi = off + row_end - 1
     p_q = off + rows
+    g_lo = 0
+    g_hi = n_gather
+    l_lo = L
+    l_hi = p_hi + 1
+    if SPLIT:  # this part's run of the gathered tiles then the local tiles
+        n_gt = (n_gather + BN - 1) // BN
+        n_all = n_gt + (p_hi + 1 - L + BN - 1) // BN
+        per = (n_all + NSPLIT - 1) // NSPLIT
+        t_lo = tl.minimum(part * per, n_all)
+        t_hi = tl.minimum(t_lo + per, n_all)
+        g_lo = tl.minimum(t_lo, n_gt) * BN
+        g_hi = tl.minimum(t_hi, n_gt) * BN
+        l_lo = L + tl.maximum(t_lo - n_gt, 0) * BN
+        l_hi = tl.minimum(L + tl.maximum(t_hi - n_gt, 0) * BN, p_hi + 1)
 
     stat_rows = (b.to(tl.int64) * Tq + rows) * H + h
     q_rows = stat_rows * D
@@ -161,7 +184,7 @@ def _hip_q_kernel(
         fill = float("-inf")
 
     # (1) sinks + selected blocks, gathered BN positions at a time; every key precedes the block
-    for start in range(0, n_gather, BN):
+    for start in range(g_lo, g_hi, BN):
         tok, ok = _gathered(blkrow, start + tl.arange(0, BN), sink_end, n_gather, S, E, bk)
         k_rows = ((kv_base + tok) * Hkv + hk) * D
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
@@ -176,7 +199,7 @@ def _hip_q_kernel(
             acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
 
     # (2) the local region [L, p_hi], contiguous; causal mask only where a tile passes p_lo
-    for start in range(L, p_hi + 1, BN):
+    for start in range(l_lo, l_hi, BN):
         cols = start + tl.arange(0, BN)
         ok = cols <= p_hi
         k_rows = ((kv_base + cols) * Hkv + hk) * D
@@ -197,8 +220,39 @@ def _hip_q_kernel(
         tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask2)
     else:
         o, lse_out = fwd_finish(acc, m_i, l_i)
+        if SPLIT:
+            stat_rows += part.to(tl.int64) * n_stat
+            q_rows = stat_rows * D
         tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask2)
         tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+
+
+@triton.jit
+def _hip_combine_kernel(OP, LP, O, LSE, n_stat, NSPLIT, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """Split-K combine: BR (query, head) rows; o = sum_s 2^(lse_s - lse) o_s, lse = log2 sum_s 2^lse_s
+    over the NSPLIT parts (parts that saw no key have lse_s = -inf)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    r_ok = rows < n_stat
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    mask2 = r_ok[:, None] & d_ok[None, :]
+    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BR], dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        prow = s * n_stat + rows
+        lse_s = tl.load(LP + prow, mask=r_ok, other=float("-inf"))
+        o_s = tl.load(OP + prow[:, None] * D + offs_d[None, :], mask=mask2, other=0.0)
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse_s - m_safe)
+        l = l * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m = m_new
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    tl.store(O + rows[:, None] * D + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask2)
+    tl.store(LSE + rows, tl.where(l == 0.0, float("-inf"), m + tl.math.log2(l_safe)), mask=r_ok)
 
 
 @triton.jit
@@ -334,14 +388,42 @@ def _geom(q, k, blocks):
     return (Tq, Tk, H, H // k.shape[2], blocks.shape[2], blocks.shape[3])
 
 
-def _launch_q(cfg, q, k, v, o, lse, do, delta, dq, blocks, geom, scale, bwd):
+_SM_COUNT = {}
+DECODE_MAX_TQ = 16  # Tq up to this is decoding: its own tuning bucket, split-K when programs are few
+
+
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 132 (an H100) under the interpreter."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def num_splits(q, k, blocks, geom, bn: int, programs: int) -> int:
+    """Split-K factor of the forward: 1 for prefill; for decoding (Tq <= DECODE_MAX_TQ) enough parts
+    to give every SM a program (one wave), each part at least 2 KV tiles of the walk."""
+    bsq, bk, S, W = geom
+    Tq = q.shape[1]
+    if Tq > DECODE_MAX_TQ:
+        return 1
+    tiles = triton.cdiv(S + blocks.shape[3] * bk, bn) + triton.cdiv(W + min(bsq, Tq), bn)
+    return max(1, min(triton.cdiv(_sm_count(q.device), programs), tiles // 2))
+
+
+def _launch_q(cfg, q, k, v, o, lse, do, delta, dq, blocks, geom, scale, bwd, nsplit=1):
+    """One launch of ``_hip_q_kernel``; forward with nsplit > 1: o / lse are the fp32 part buffers
+    [nsplit, B, Tq, H(, D)]."""
     bsq, bk, S, W = geom
     Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
     bm, rpb, grid = _q_grid(cfg, q, k, bsq)
     D = q.shape[-1]
-    return _hip_q_kernel[grid](
+    n_stat = q.shape[0] * Tq * H
+    return _hip_q_kernel[(grid[0] * nsplit, grid[1])](
         q, k, v, o, lse, do, delta, dq, blocks, Tq, Tk, H, group, nqb, kb, rpb, bsq, bk, S, W, scale * LOG2E, scale,
-        D=D, BD=pow2(D), BM=bm, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype),
+        nsplit, n_stat, D=D, BD=pow2(D), BM=bm, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype), SPLIT=nsplit > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -350,9 +432,22 @@ def hip_fwd(q, k, v, blocks, geom, scale):
     geom = (block_size_q, block_size_k, sink_tokens, window) -> (o, lse [B, Tq, H] fp32, log2)."""
     o = empty(q.shape, q.dtype, q.device)
     lse = empty(q.shape[:3], torch.float32, q.device)
+    B, Tq, H, D = q.shape
+    n_stat = B * Tq * H
 
     def launch(cfg):  # do / delta / dq are not read when bwd=False
-        return _launch_q(cfg, q, k, v, o, lse, q, lse, q, blocks, geom, scale, bwd=False)
+        _, _, grid = _q_grid(cfg, q, k, geom[0])
+        nsplit = num_splits(q, k, blocks, geom, cfg.kw["BN"], grid[0] * grid[1])
+        if nsplit == 1:
+            return _launch_q(cfg, q, k, v, o, lse, q, lse, q, blocks, geom, scale, bwd=False)
+        op = empty((nsplit, B, Tq, H, D), torch.float32, q.device)
+        lp = empty((nsplit, B, Tq, H), torch.float32, q.device)
+        compiled = _launch_q(cfg, q, k, v, op, lp, q, lse, q, blocks, geom, scale, bwd=False, nsplit=nsplit)
+        ccfg = spaces.HIP_COMBINE.default(_bucket(q))
+        _hip_combine_kernel[(triton.cdiv(n_stat, ccfg.kw["BR"]),)](
+            op, lp, o, lse, n_stat, nsplit, D=D, BD=pow2(D), BR=ccfg.kw["BR"], num_warps=ccfg.num_warps,
+            num_stages=ccfg.num_stages)
+        return compiled
 
     cfg = spaces.HIP_FWD.choose(_bucket(q), q.device, lambda c: bench_launch(lambda: launch(c)))
     launch(cfg)
@@ -459,10 +554,17 @@ def compile_specs(dtype: str, K: int, V: int):
     buckets = [(dtype, K, False), (dtype, K, True)]
     q_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "RPB", "bsq", "bk", "S", "W"]}
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", **q_ints, qk_scale="fp32",
-                 scale="fp32")
+                 scale="fp32", NSPLIT="i32", n_stat="i32")
     for tuner, bwd in ((spaces.HIP_FWD, False), (spaces.HIP_BWD_DQ, True)):
         yield (tuner, _hip_q_kernel, q_sig,
                lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec), buckets)
+    # the split-K decoding forward (BM is clamped to 16 rows for Tq <= 16) and its combine step
+    split_sig = dict(q_sig, O=f32)
+    yield (spaces.HIP_FWD, _hip_q_kernel, split_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=16, BN=c.kw["BN"], BWD=False, PREC=prec, SPLIT=True),
+           [(dtype, K, True)])
+    yield (spaces.HIP_COMBINE, _hip_combine_kernel, dict(OP=f32, LP=f32, O=x, LSE=f32, n_stat="i32", NSPLIT="i32"),
+           lambda c: dict(D=K, BD=pow2(K), BR=c.kw["BR"]), [(dtype, K, True)])
     g_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK32=f32, DV32=f32, BLK="*i32", **q_ints,
                  qk_scale="fp32", scale="fp32")
     yield (spaces.HIP_BWD_DKDV_GATHER, _hip_dkdv_gather_kernel, g_sig,

@@ -205,17 +205,36 @@ def test_decode_work_does_not_grow_with_tk():
     assert elapsed < 30, f"decoding one token took {elapsed:.1f} s: the walk grows with Tk"
 
 
+def test_split_k_decoding():
+    """Decoding splits the walk over several programs per head (split-K) and combines the parts;
+    here 5 parts, the last one empty. The backward runs on the combined lse."""
+    from subquad.kernels import hip as kh
+
+    B, Tq, Tk, H, Hkv, D, bsq, bk, S, W, Kb = 1, 2, 600, 4, 2, 16, 64, 2, 16, 64, 120
+    blocks = random_blocks(B, H, Tq, Tk, bsq, bk, S, W, Kb, seed=9)
+    q = torch.empty(B, Tq, H, D, device=DEVICE)
+    cfg = kh.spaces.HIP_FWD.default(kh._bucket(q))
+    _, _, grid = kh._q_grid(cfg, q, q.new_empty(B, Tk, Hkv, D), bsq)
+    nsplit = kh.num_splits(q, None, blocks, (bsq, bk, S, W), cfg.kw["BN"], grid[0] * grid[1])
+    assert nsplit == 5
+    _check(B, Tq, Tk, H, Hkv, D, bsq, bk, S, W, Kb, torch.float32, blocks=blocks)
+    _check(B, Tq, Tk, H, Hkv, D, bsq, bk, S, W, Kb, torch.float16, blocks=blocks)
+
+
 def _hip_configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.HIP_ATTENTION for c in t.space]
+    return [(t, c) for t in spaces.HIP_ATTENTION if len(t.space) > 1 for c in t.space]
 
 
 @pytest.mark.parametrize("tuner,cfg", _hip_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
 def test_every_config(tuner, cfg, monkeypatch):
-    """Every config of every HIP_* space computes the same function (the tuner may pick any on a GPU)."""
+    """Every config of every HIP_* space computes the same function (the tuner may pick any on a GPU);
+    forward configs also on a split-K decoding case."""
     monkeypatch.setattr(tuner, "choose", lambda bucket, device, bench: cfg)
     _check(1, 70, 70, 2, 1, 16, 32, 3, 4, 9, 6, torch.float32, seed=7)
+    if tuner.kernel == "hip_fwd":
+        _check(1, 1, 400, 2, 1, 16, 64, 2, 8, 40, 64, torch.float32, grads=False, seed=8)
 
 
 @pytest.mark.gpu
