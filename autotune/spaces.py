@@ -290,9 +290,10 @@ ROUTING = [ROUTING_FWD, ROUTING_BWD_DQ, ROUTING_BWD_DKDV]
 ALL = ALL + ROUTING
 
 
-# HiP mask estimation (kernels/hip_select.py); bucket = (dtype name, head dim, KBP, BK, NQS): the
-# padded selected-block count, block_size_k and strided-query count. NR: gathered keys per tl.dot
-# (2 x CH nodes' children x BK tokens; at least 2 BK). Every config is valid for every bucket.
+# HiP mask estimation (kernels/hip_select.py); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):
+# the padded selected-block count, block_size_k, strided-query count, and one query block or more.
+# NR: gathered keys per tl.dot (2 x CH nodes' children x BK tokens; at least 2 BK). Every config is
+# valid for every bucket.
 HIP_SELECT = Tuner("hip_select", [
     _c(8, 1, NR=64),
     _c(8, 1, NR=128),

@@ -184,8 +184,10 @@ def select_meta(D: int, topk: int, block_size_q: int, block_size_k: int, query_s
     return dict(D=D, BD=pow2(D), NQS=pow2(triton.cdiv(block_size_q, query_stride)), BK=bkp, KBP=kbp, CH=ch)
 
 
-def _bucket(q, meta):
-    return (str(q.dtype).replace("torch.", ""), q.shape[-1], meta["KBP"], meta["BK"], meta["NQS"])
+def _bucket(q, meta, nqb):
+    """(dtype, D, KBP, BK, NQS, decoding): a single query block (decoding) runs few programs, each a
+    long serial search, so it is tuned apart from prefill (wider dots may win there)."""
+    return (str(q.dtype).replace("torch.", ""), q.shape[-1], meta["KBP"], meta["BK"], meta["NQS"], nqb == 1)
 
 
 def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, sink_tokens, window, scale=None):
@@ -218,7 +220,7 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
             q, k, blocks, sel, cs, cst, Tq, Tk, H, H // Hkv, nqb, kb, block_size_q, block_size_k, query_stride,
             sink_tokens, window, qb0, PREC=prec, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = spaces.HIP_SELECT.choose(_bucket(q, meta0), q.device,
+    cfg = spaces.HIP_SELECT.choose(_bucket(q, meta0, nqb), q.device,
                                    lambda c: bench_launch(lambda: launch(c, max(0, nqb - wave))))
     for qb0 in range(0, nqb, wave):
         launch(cfg, qb0)
@@ -234,6 +236,6 @@ def compile_specs(dtype: str, K: int, V: int):
     sig = dict(Q=x, K=x, BLK="*i32", SEL="*i32", CS="*i64", CST="*i32", **ints)
     prec = precision(getattr(torch, dtype))
     probe = select_meta(K, 512, 64, 2, 2, 128)
-    buckets = [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"])]
+    buckets = [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"], decoding) for decoding in (False, True)]
     yield (spaces.HIP_SELECT, _hip_select_kernel, sig,
            lambda c: dict(PREC=prec, **select_meta(K, 512, 64, 2, 2, c.kw["NR"])), buckets)
