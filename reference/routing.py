@@ -121,10 +121,14 @@ def region_means(x: Tensor, g: RegionGeometry) -> Tensor:
     """``[B, N, H, D]`` -> ``[B, R, H, D]``: the mean over each region's real tokens, in fp32
     (fp64 for fp64 inputs); 0 for a region without real tokens. Deterministic (no atomics)."""
     B, _, H, D = x.shape
-    xr = to_regions(x.to(_compute_dtype(x.dtype)), g)               # [B, H, R, RT, D]
+    x = x.reshape(B, g.n1, g.n2, H, D)
+    if g.padded:  # zeros add nothing to the sums; the counts below are of real tokens
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, g.S2 * g.r2 - g.n2, 0, g.S1 * g.r1 - g.n1))
+    # a reduction over the box dims of a view: one read of x, accumulated in fp32, no copy
+    sums = x.reshape(B, g.S1, g.r1, g.S2, g.r2, H, D).sum(dim=(2, 4), dtype=_compute_dtype(x.dtype))
     _, valid = region_tokens(g, x.device)
-    count = valid.sum(1).clamp(min=1).to(xr.dtype)                   # [R]
-    return (xr.sum(3) / count[:, None]).transpose(1, 2)              # [B, R, H, D]
+    count = valid.sum(1).clamp(min=1).to(sums.dtype)                 # [R]
+    return sums.reshape(B, g.R, H, D) / count[:, None, None]         # [B, R, H, D]
 
 
 def _stable_topk(a: Tensor, topk: int) -> Tensor:
