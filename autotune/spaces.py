@@ -292,14 +292,15 @@ ALL = ALL + ROUTING
 
 # HiP mask estimation (kernels/hip_select.py); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):
 # the padded selected-block count, block_size_k, strided-query count, and one query block or more.
-# NR: gathered keys per tl.dot (2 x CH nodes' children x BK tokens; at least 2 BK). Every config is
-# valid for every bucket.
+# NR: gathered keys per tl.dot (2 x CH nodes' children x BK tokens; at least 2 BK). DMAX: a config
+# only for head dims up to DMAX. Defaults (fp16/bf16 clean on sm_80 and sm_90, triton 3.9): 4 warps
+# up to D=64 (8 warps spill on sm_80 there), 8 warps above (4 warps spill on sm_90 at D=256).
 HIP_SELECT = Tuner("hip_select", [
-    _c(8, 1, NR=64),
-    _c(8, 1, NR=128),
-    _c(4, 1, NR=64),
-    _c(4, 1, NR=128),
-    _c(8, 1, NR=256),
-    _c(8, 2, NR=128),
-])
+    _c(4, 1, NR=64, DMAX=64),
+    _c(8, 1, NR=64, DMAX=256),
+    _c(8, 1, NR=128, DMAX=256),
+    _c(4, 1, NR=128, DMAX=256),
+    _c(8, 1, NR=256, DMAX=256),
+    _c(8, 2, NR=128, DMAX=256),
+], lambda c, b: b[1] <= c.kw["DMAX"])
 ALL = ALL + [HIP_SELECT]
