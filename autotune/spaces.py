@@ -193,7 +193,7 @@ HIP_FWD = Tuner("hip_fwd", [
     _c(8, 1, BM=64, BN=64),
     _c(4, 2, BM=32, BN=64),
     _c(8, 2, BM=32, BN=64),
-], lambda c, b: _hip_valid(c, b, 1))
+], lambda c, b: _hip_valid(c, b, 1) and (not b[2] or c.num_warps == 4))  # decoding: 16-row tiles, 4 warps
 HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(8, 2, BM=64, BN=32),
     _c(4, 2, BM=64, BN=32),

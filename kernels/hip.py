@@ -558,10 +558,11 @@ def compile_specs(dtype: str, K: int, V: int):
     q_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "RPB", "bsq", "bk", "S", "W"]}
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", **q_ints, qk_scale="fp32",
                  scale="fp32", NSPLIT="i32", n_stat="i32")
-    for tuner, bwd in ((spaces.HIP_FWD, False), (spaces.HIP_BWD_DQ, True)):
-        yield (tuner, _hip_q_kernel, q_sig,
-               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec), buckets)
-    # the split-K decoding forward (BM is clamped to 16 rows for Tq <= 16) and its combine step
+    yield (spaces.HIP_FWD, _hip_q_kernel, q_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=False, PREC=prec), buckets[:1])
+    yield (spaces.HIP_BWD_DQ, _hip_q_kernel, q_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=True, PREC=prec), buckets)
+    # decoding (Tq <= 16: BM is clamped to 16 rows): the split-K forward and its combine step
     split_sig = dict(q_sig, O=f32)
     yield (spaces.HIP_FWD, _hip_q_kernel, split_sig,
            lambda c: dict(D=K, BD=pow2(K), BM=16, BN=c.kw["BN"], BWD=False, PREC=prec, SPLIT=True),
