@@ -62,13 +62,17 @@ def visible(blocks, Tq, Tk, bsq, bk, S, W):
     """bool [B, H, Tq, Tk], restated from the contract: key j is visible to query i (position
     p = Tk - Tq + i, block qb = i // bsq, E = Tk - Tq + qb bsq - W + 1) iff j <= p and (j < S, or
     j >= E, or S <= j < E and (j - S) // bk is a selected block of (b, h, qb))."""
-    B, H, _, _ = blocks.shape
+    B, H, NQB, _ = blocks.shape
     i = torch.arange(Tq)
     p = Tk - Tq + i
     E = Tk - Tq + (i // bsq) * bsq - W + 1
     j = torch.arange(Tk)
-    jb = torch.where(j >= S, (j - S) // bk, torch.full_like(j, -2))  # -2: never a block index
-    sel = (blocks.long()[:, :, i // bsq, :, None] == jb).any(-2)  # [B, H, Tq, Tk]
+    nb = _cdiv(Tk, bk)  # slot nb: "not selected" (the -1 padding and tokens below S land there)
+    slots = torch.where(blocks < 0, torch.full_like(blocks, nb), blocks).long().clamp(max=nb)
+    chosen = torch.zeros(B, H, NQB, nb + 1, dtype=torch.bool).scatter_(-1, slots, True)
+    chosen[..., nb] = False
+    jb = torch.where(j >= S, (j - S) // bk, torch.full_like(j, nb)).clamp(max=nb)
+    sel = chosen[:, :, i // bsq][..., jb]  # [B, H, Tq, Tk]: key j's block is selected for query i
     in_range = (j[None, :] >= S) & (j[None, :] < E[:, None])
     return (j[None, :] <= p[:, None]) & ((j < S)[None, :] | (j[None, :] >= E[:, None]) | (in_range & sel))
 
