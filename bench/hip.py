@@ -27,9 +27,9 @@ Targets (issue 4): prefill at 128k end to end >= 4x faster than SDPA causal; a d
 128k with a reused mask >= 8x faster than SDPA decoding; memory O(T).
 
 CPU: the reference path (``subquad.hip_attention`` on CPU tensors: the literal tree search and the
-gathered attention) at T = 8k and 16k (--quick: 4k, one timed call: ~1-2 minutes), fp32, B=1, H=4, H_kv=2, D=64, estimation and
-attention timed separately and together, vs SDPA causal on CPU; each case in a fresh process
-(``bench.common.cpu_case``). Capture fractions on CPU: T = 2048, H = 2, topk 128, window 64.
+gathered attention) at T = 8k and 16k (--quick: 4k with one timed call, ~1-2 minutes in all),
+fp32, B=1, H=4, H_kv=2, D=64, estimation and attention timed separately and together, vs SDPA
+causal on CPU; each case in a fresh process (``bench.common.cpu_case``). Capture fractions on CPU: T = 2048, H = 2, topk 128, window 64.
 
 Writes ``hip_<cuda|cpu>.json`` / ``.md`` / ``.png`` to --out; --quick writes one
 ``hip_<cuda|cpu>.md`` with the JSON at its end. ``check()`` (run by ``python -m bench``): the
@@ -54,8 +54,7 @@ import json
 import math
 import os
 import sys
-import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
