@@ -292,15 +292,19 @@ ALL = ALL + ROUTING
 
 # HiP mask estimation (kernels/hip_select.py); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):
 # the padded selected-block count, block_size_k, strided-query count, and one query block or more.
-# NR: gathered keys per tl.dot (2 x CH nodes' children x BK tokens; at least 2 BK). DMAX: a config
-# only for head dims up to DMAX. Defaults (fp16/bf16 clean on sm_80 and sm_90, triton 3.9): 4 warps
-# up to D=64 (8 warps spill on sm_80 there), 8 warps above (4 warps spill on sm_90 at D=256).
+# NR: gathered keys per tl.dot (2 x CH nodes' children x BK tokens; at least 2 BK). Default: the one
+# config found clean (no spills) for fp16/bf16 on sm_80 and sm_90 at D = 64, 128, 256 on both triton
+# 3.6 and 3.9 (wider dots spill somewhere: 4 warps at D=64 on sm_80 with 3.6, 8 warps at D=256 on
+# sm_90 with 3.6, 8 warps at D=64 on sm_80 with 3.9); the tuner tries the wider ones. fp32 (FMA dots
+# in 16-column slices; F32=0 marks configs not offered for it) defaults to NR=64 with 8 warps (NR=32
+# spills 24-32 B on triton 3.6).
 HIP_SELECT = Tuner("hip_select", [
-    _c(4, 1, NR=64, DMAX=64),
-    _c(8, 1, NR=64, DMAX=256),
-    _c(8, 1, NR=128, DMAX=256),
-    _c(4, 1, NR=128, DMAX=256),
-    _c(8, 1, NR=256, DMAX=256),
-    _c(8, 2, NR=128, DMAX=256),
-], lambda c, b: b[1] <= c.kw["DMAX"])
+    _c(8, 1, NR=32, F32=0),
+    _c(8, 1, NR=64),
+    _c(4, 1, NR=64),
+    _c(8, 1, NR=128),
+    _c(4, 1, NR=128),
+    _c(8, 1, NR=256),
+    _c(4, 1, NR=32),
+], lambda c, b: b[0] != "float32" or c.kw.get("F32", 1) == 1)
 ALL = ALL + [HIP_SELECT]

@@ -70,7 +70,7 @@ def _hip_select_kernel(
     Q, K, BLK, SEL, CS, CST,
     Tq, Tk, H, GROUP, NQB, Kb, bq, bk, qstride, S, W, qb0,
     D: tl.constexpr, BD: tl.constexpr, NQS: tl.constexpr, BK: tl.constexpr, KBP: tl.constexpr,
-    CH: tl.constexpr, PREC: tl.constexpr,
+    CH: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Selection row of query block ``qb0 + program_id(0)`` for (batch, head) ``program_id(1)``."""
     NR: tl.constexpr = 2 * CH * BK
@@ -98,7 +98,9 @@ def _hip_select_kernel(
         t = tl.arange(0, NQS)
         qi = qb * bq + t * qstride
         q_ok = (t * qstride < bq) & (qi < Tq)
-        q = load_rows(Q, ((b.to(tl.int64) * Tq + qi) * H + h) * D, q_ok, offs_d, d_ok)  # [NQS, BD]
+        q_rows = ((b.to(tl.int64) * Tq + qi) * H + h) * D
+        if DC == BD:
+            q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)  # [NQS, BD], held for the whole search
         k_head = b.to(tl.int64) * Tk * Hkv + hk
         # rounds until every kept node is one block: ceil(log2(ceil(NB / Kb)))
         gmax = (NB + Kb - 1) // Kb
@@ -132,8 +134,18 @@ def _hip_select_kernel(
                 ok2 = cvalid[:, None] & (u[None, :] < bk) & (tok2 < E)
                 tok = tl.reshape(tl.where(ok2, tok2, -1), (NR,))  # (a reshaped bool goes through local memory)
                 k_ok = tok >= 0
-                kt = load_rows(K, (k_head + tok.to(tl.int64) * Hkv) * D, k_ok, offs_d, d_ok)  # [NR, BD]
-                sc = tl.dot(q, tl.trans(kt), input_precision=PREC)  # [NQS, NR]
+                k_rows = (k_head + tok.to(tl.int64) * Hkv) * D
+                if DC == BD:
+                    kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)  # [NR, BD]
+                    sc = tl.dot(q, tl.trans(kt), input_precision=PREC)  # [NQS, NR]
+                else:  # fp32 (FMA dots): DC columns at a time keeps the operands in registers
+                    sc = tl.zeros([NQS, NR], dtype=tl.float32)
+                    for d0 in tl.static_range(0, BD, DC):
+                        offs_c = d0 + tl.arange(0, DC)
+                        c_ok = offs_c < D
+                        qc = load_rows(Q, q_rows, q_ok, offs_c, c_ok)
+                        kc = load_rows(K, k_rows, k_ok, offs_c, c_ok)
+                        sc += tl.dot(qc, tl.trans(kc), input_precision=PREC)
                 sc = tl.where(q_ok[:, None], sc, float("-inf"))
                 m = tl.where(k_ok, tl.max(sc, 0), float("-inf"))
                 score = tl.max(tl.reshape(m, (2 * CH, BK)), 1)  # [2 CH] per child
@@ -175,13 +187,17 @@ def _hip_select_kernel(
 # launcher
 
 
-def select_meta(D: int, topk: int, block_size_q: int, block_size_k: int, query_stride: int, NR: int) -> dict:
-    """The kernel's block constexprs for a problem and a config's keys-per-dot NR."""
+def select_meta(D: int, topk: int, block_size_q: int, block_size_k: int, query_stride: int, NR: int,
+                fp32: bool = False) -> dict:
+    """The kernel's block constexprs for a problem and a config's keys-per-dot NR (fp32: the dots
+    run on FMA units, DC = 32 columns at a time)."""
     kb = triton.cdiv(topk, block_size_k)
     kbp = max(16, triton.next_power_of_2(kb))
     bkp = triton.next_power_of_2(block_size_k)
     ch = max(1, min(kbp, NR // (2 * bkp)))
-    return dict(D=D, BD=pow2(D), NQS=pow2(triton.cdiv(block_size_q, query_stride)), BK=bkp, KBP=kbp, CH=ch)
+    bd = pow2(D)
+    return dict(D=D, BD=bd, NQS=pow2(triton.cdiv(block_size_q, query_stride)), BK=bkp, KBP=kbp, CH=ch,
+                DC=min(bd, 16) if fp32 else bd)
 
 
 def _bucket(q, meta, nqb):
@@ -214,7 +230,7 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     cst = torch.empty(wave * B * H * 4 * meta0["KBP"], dtype=torch.int32, device=q.device)
 
     def launch(cfg, qb0=0, n=None):
-        meta = select_meta(D, topk, block_size_q, block_size_k, query_stride, cfg.kw["NR"])
+        meta = select_meta(D, topk, block_size_q, block_size_k, query_stride, cfg.kw["NR"], q.dtype == torch.float32)
         n = min(wave, nqb - qb0) if n is None else n
         return _hip_select_kernel[(n, B * H)](
             q, k, blocks, sel, cs, cst, Tq, Tk, H, H // Hkv, nqb, kb, block_size_q, block_size_k, query_stride,
@@ -238,4 +254,4 @@ def compile_specs(dtype: str, K: int, V: int):
     probe = select_meta(K, 512, 64, 2, 2, 128)
     buckets = [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"], decoding) for decoding in (False, True)]
     yield (spaces.HIP_SELECT, _hip_select_kernel, sig,
-           lambda c: dict(PREC=prec, **select_meta(K, 512, 64, 2, 2, c.kw["NR"])), buckets)
+           lambda c: dict(PREC=prec, **select_meta(K, 512, 64, 2, 2, c.kw["NR"], dtype == "float32")), buckets)
