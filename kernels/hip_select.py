@@ -27,6 +27,8 @@ Per program (query block qb of batch b, query head h, kv head h // GROUP):
   by ``tl.debug_barrier`` (a CTA barrier, which orders the program's own global stores before its
   loads) and scratch loads bypass L1 (``.cg``). Launches cover at most ``SCRATCH_BYTES`` of
   scratch (40 KBP bytes a program); longer inputs run in several waves of query blocks.
+* fp32 inputs: IEEE dots run on FMA units; the scores are summed over 16-column slices of D
+  (``DC``) so the operands stay in registers (one [NQS, BD] x [BD, NR] FMA dot spills kilobytes).
 * Counts of boolean masks are summed in fp32 (exact): LLVM turns an integer sum of an i1 tensor
   into a bit-packed popcount that goes through local memory (a stack frame in the compile check).
 
