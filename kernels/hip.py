@@ -48,14 +48,14 @@ Decoding (Tq of 1 to a few queries, Tk up to 1M, a reused ``blocks``): the same 
 its work and memory are ``sink_tokens + Kb bk + window + Tq`` keys per (query, head), nothing
 proportional to Tk (no Tk-sized allocation or pass; -1 padding and the search-range end are
 handled in the kernel). Split-K (flash-decoding style), because one program per (query tile,
-head) leaves the GPU idle: at the issue's decoding shape (B=1, H=32, defaults, BN=32) that is 32
-programs on 132 SMs, each walking ceil(528 / 32) + ceil(257 / 32) = 26 KV tiles back to back
-(~1 us of load latency each, ~25 us) while the whole K/V to read is ~3.4 MB (~1-2 us of HBM time
-at 3 TB/s). For Tq <= 16, ``num_splits`` cuts each program's walk (gathered tiles, then local
-tiles, as one sequence) into up to ceil(SMs / programs) runs of >= 2 tiles (5 here: 160
-programs of ~5 tiles); each run writes its normalised o and lse (fp32 parts,
-``nsplit x B x Tq x H x (D + 1)`` floats), and ``_hip_combine_kernel`` (one launch) merges them
-by their lse. The dQ / dK / dV kernels do not split (the backward is a prefill-shaped problem).
+head) leaves the GPU idle: at the issue's decoding shape (B=1, H=32, defaults; the decoding
+bucket's default tile BN=64, 16 query rows, 4 warps) that is 32 programs on 132 SMs, each walking
+ceil(528 / 64) + ceil(257 / 64) = 14 KV tiles back to back (~1 us of load latency each, ~15 us)
+while the whole K/V to read is ~3.4 MB (~1-2 us of HBM time at 3 TB/s). For Tq <= 16,
+``num_splits`` cuts each program's walk (gathered tiles, then local tiles, as one sequence) into
+up to ceil(SMs / programs) runs of >= 2 tiles (5 here: 160 programs of ~3 tiles); each run
+writes its normalised o and lse (fp32 parts, ``nsplit x B x Tq x H x (D + 1)`` floats), and
+``_hip_combine_kernel`` (one launch) merges them by their lse. The dQ / dK / dV kernels do not split (the backward is a prefill-shaped problem).
 
 Counts (D = head dim, per (query, head); n_g = gathered keys = min(S, L) + selected tokens,
 n_l = local keys; bytes at itemsize s):
