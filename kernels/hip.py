@@ -55,7 +55,8 @@ while the whole K/V to read is ~3.4 MB (~1-2 us of HBM time at 3 TB/s). For Tq <
 ``num_splits`` cuts each program's walk (gathered tiles, then local tiles, as one sequence) into
 up to ceil(SMs / programs) runs of >= 2 tiles (5 here: 160 programs of ~3 tiles); each run
 writes its normalised o and lse (fp32 parts, ``nsplit x B x Tq x H x (D + 1)`` floats), and
-``_hip_combine_kernel`` (one launch) merges them by their lse. The dQ / dK / dV kernels do not split (the backward is a prefill-shaped problem).
+``_hip_combine_kernel`` (one launch) merges them by their lse. The dQ / dK / dV kernels do not
+split (the backward is a prefill-shaped problem).
 
 Counts (D = head dim, per (query, head); n_g = gathered keys = min(S, L) + selected tokens,
 n_l = local keys; bytes at itemsize s):
