@@ -278,6 +278,9 @@ def hip_attention(
         win = _check_mask(mask, p, shapes, q.device)
         if backend == "triton":
             check_dim("q", D, 16, 256, "head dim D")
+            if B * Hkv > 65535:
+                raise ValueError(f"k: batch x kv heads = {B} x {Hkv} = {B * Hkv} exceeds the Triton kernel's grid "
+                                 "limit of 65535; split the batch")
     akw = dict(block_size_q=p["block_size_q"], block_size_k=p["block_size_k"], sink_tokens=p["sink_tokens"],
                window=win, scale=scale)
     if backend == "triton":

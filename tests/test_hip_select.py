@@ -116,8 +116,28 @@ def test_api_triton_end_to_end(dtype):
     low = _grads(lambda a, b, c: subquad.hip_attention(a, b, c, backend="reference", **kw), q, k, v, do)
     exact = _grads(lambda a, b, c: ref.hip_attention_naive(a, b, c, mask.blocks, **akw), q, k, v, do)
     assert got[0].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the rule below needs a right `low`
+    torch.testing.assert_close(low[0].double(), exact[0].double(), rtol=tol, atol=tol)
     for name, a, b, c in zip(["o", "dq", "dk", "dv"], got, exact, low):
         assert_close(name, a, b, c)
+
+
+def test_api_triton_decoding_reused_mask():
+    """Decoding on Triton: a mask made at Tk0 for one query, reused while the cache grows, equals the
+    reference path (window + growth over the same blocks)."""
+    q0, k = _int_inputs(1, 1, 90, 2, 1, 16, torch.float32, seed=8)
+    k = k / 4
+    v = torch.randn(1, 90, 1, 16, device=DEVICE)
+    kw = _kw(8, 16, 2, 2, 2, 6)
+    mask = subquad.hip_mask(q0, k[:, :84], backend="triton", **kw)
+    for d in (0, 6):
+        q = torch.randn(1, 1, 2, 16, device=DEVICE)
+        got = subquad.hip_attention(q, k[:, :84 + d], v[:, :84 + d], mask=mask, backend="triton", **kw)
+        low = subquad.hip_attention(q, k[:, :84 + d], v[:, :84 + d], mask=mask, backend="reference", **kw)
+        exact = ref.hip_attention_naive(q, k[:, :84 + d], v[:, :84 + d], mask.blocks, block_size_q=16,
+                                        block_size_k=2, sink_tokens=2, window=6 + d)
+        torch.testing.assert_close(low.double(), exact, rtol=1e-5, atol=1e-5)  # the rule needs a right `low`
+        assert_close("o", got, exact, low)
 
 
 @pytest.mark.gpu
