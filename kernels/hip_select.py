@@ -192,7 +192,7 @@ def _hip_select_kernel(
 def select_meta(D: int, topk: int, block_size_q: int, block_size_k: int, query_stride: int, NR: int,
                 fp32: bool = False) -> dict:
     """The kernel's block constexprs for a problem and a config's keys-per-dot NR (fp32: the dots
-    run on FMA units, DC = 32 columns at a time)."""
+    run on FMA units, DC = 16 columns at a time)."""
     kb = triton.cdiv(topk, block_size_k)
     kbp = max(16, triton.next_power_of_2(kb))
     bkp = triton.next_power_of_2(block_size_k)
