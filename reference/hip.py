@@ -116,9 +116,8 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
     blocks = torch.full((B, H, NQB, Kb), -1, dtype=torch.int32, device=dev)
     cdt = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
-        kd = k.detach()
-        bi = torch.arange(B, device=dev)[:, None, None]  # gathers index k directly: no O(Tk) copy
-        hki = (torch.arange(H, device=dev) // G)[None, :, None]
+        kflat = k.detach().reshape(B * Tk * Hkv, D)  # a view for contiguous k: no O(Tk) copy per call
+        row0 = (torch.arange(B, device=dev)[:, None] * Tk * Hkv + torch.arange(H, device=dev)[None, :] // G)
         u = torch.arange(bk, device=dev)
         for qb in range(NQB):
             E = search_end(Tq, Tk, qb, block_size_q=bq, window=W)
@@ -141,7 +140,8 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
                 rep = c_start + c_size // 2
                 tok = S + rep[..., None] * bk + u  # [B, H, 2Kb, bk] tokens of the representative blocks
                 tok_ok = (tok < E) & c_valid[..., None]
-                keys = kd[bi, tok.clamp(max=Tk - 1).reshape(B, H, -1), hki].to(cdt)  # [B, H, 2Kb bk, D]
+                rows = row0[:, :, None] + tok.clamp(max=Tk - 1).reshape(B, H, -1) * Hkv
+                keys = kflat[rows].to(cdt)  # [B, H, 2Kb bk, D]
                 sc = torch.matmul(qs, keys.transpose(-1, -2)).amax(2)  # max over the strided queries
                 sc = sc.reshape(B, H, 2 * Kb, bk).masked_fill(~tok_ok, float("-inf")).amax(-1)
                 # rank: valid children first, then score descending, ties by position (stable sorts)
@@ -237,8 +237,9 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
     NQB, Kb = blocks.shape[2], blocks.shape[3]
     dev = q.device
     sdt = torch.promote_types(q.dtype, torch.float32)
-    bi = torch.arange(B, device=dev)[:, None, None, None]  # gathers index k, v directly: no O(Tk) copy
-    hki = (torch.arange(H, device=dev) // G)[None, :, None, None]
+    kf = k.reshape(B * Tk * Hkv, D)  # views for contiguous k, v: no O(Tk) copy per call
+    vf = v.reshape(B * Tk * Hkv, D)
+    row0 = (torch.arange(B, device=dev)[:, None] * Tk * Hkv + torch.arange(H, device=dev)[None, :] // G)
     blk = _clean_blocks(blocks.to(dev))
     Lloc = W + bq - 1
     L = S + Kb * bk + Lloc
@@ -261,9 +262,9 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
         i = qbs[:, None] * bq + torch.arange(bq, device=dev)  # [n, bq]
         p = Tk - Tq + i
         ok = static_ok[..., None, :] & (tok[..., None, :] <= p[:, :, None])  # [B, H, n, bq, L]
-        tok = tok.clamp(0, Tk - 1)
-        kk = k[bi, tok, hki]  # [B, H, n, L, D]
-        vv = v[bi, tok, hki]
+        rows = row0[:, :, None, None] + tok.clamp(0, Tk - 1) * Hkv
+        kk = kf[rows]  # [B, H, n, L, D]
+        vv = vf[rows]
         qq = q[:, i.clamp(max=Tq - 1).reshape(-1)].reshape(B, n, bq, H, D).permute(0, 3, 1, 2, 4)
         s = torch.matmul(qq, kk.transpose(-1, -2)).to(sdt) * scale  # [B, H, n, bq, L]
         o = _softmax_av(s, ok, vv)
