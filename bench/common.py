@@ -10,6 +10,7 @@ Nothing here imports triton at module level: ``python -m bench`` must be able to
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import math
@@ -396,3 +397,40 @@ def tolerance_rows(family: str, case: str, kernel: dict, lowp: dict, exact: dict
         ok = bool(torch.isfinite(out).all()) and err <= bound
         rows.append(dict(family=family, case=case, tensor=tensor, err=err, ref_err=ref_err, bound=bound, ok=ok))
     return rows
+
+
+def require_kernels() -> bool:
+    """True on a CUDA machine; without CUDA the kernels run only through the Triton interpreter,
+    which must have been switched on before triton's import (``python -m bench`` does)."""
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 before triton is imported to check "
+                           "the kernels through the interpreter (python -m bench does)")
+    return cuda
+
+
+def base_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every family benchmark takes: --quick --out --device --budget --threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the results (default bench/out)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: the GPU benchmark when CUDA is available, else the CPU one")
+    p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
+    p.add_argument("--threads", type=int, default=None, help="CPU benchmark: torch threads (default: torch's)")
+    return p
+
+
+def write_results(out_dir: str, stem: str, payload: dict, md: str, single: bool, plot_fn) -> str:
+    """Full runs: <stem>.json, .md and (matplotlib) .png. Quick runs (single=True): one <stem>.md
+    holding the markdown and, at its end, the JSON payload in a fenced block."""
+    if not single:
+        save(out_dir, stem, payload, md)
+        png = plot_fn(payload, os.path.join(out_dir, stem + ".png"))
+        return f"{os.path.join(out_dir, stem)}.json/.md" + (" and .png" if png else " (no matplotlib: no plot)")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem + ".md")
+    with open(path, "w") as f:
+        f.write(md.rstrip() + "\n\n<details><summary>JSON payload</summary>\n\n```json\n"
+                + json.dumps(payload, indent=1) + "\n```\n\n</details>\n")
+    return path + " (quick run: one file, JSON embedded)"

@@ -48,9 +48,7 @@ Decoding at Tk: HiP reads 2 x 8 x 848 x 128 x 2 B = 3.5 MB of K/V, SDPA 2 x 8 x 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -448,7 +446,7 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None) -> dict:
 
     def write():
         payload["summary"] = summarize_gpu(payload)
-        return _write(out_dir, stem, payload, gpu_markdown(payload), quick, plot_gpu)
+        return common.write_results(out_dir, stem, payload, gpu_markdown(payload), quick, plot_gpu)
 
     # the smallest prefill first (it tunes the prefill kernels at a cheap size), then decoding
     # (cheap; the decoding bucket is tuned apart), then the larger prefills, then the capture
@@ -567,7 +565,7 @@ def run_cpu(quick: bool, out_dir: str, budget: Optional[float] = None, threads: 
     if not deadline.expired():
         payload["capture"] = common.attempt("capture", lambda: run_capture("cpu", quick))[0] or []
     md = cpu_markdown(payload)
-    where = _write(out_dir, f"{NAME}_cpu", payload, md, quick, plot_cpu)
+    where = common.write_results(out_dir, f"{NAME}_cpu", payload, md, quick, plot_cpu)
     print(md)
     print(f"\n[bench] wrote {where}")
     return payload
@@ -621,10 +619,7 @@ def check() -> List[dict]:
     """Triton kernels vs the float64 definition, forward and backward: natively on a GPU, else
     through the Triton interpreter (TRITON_INTERPRET=1 set before triton's import; python -m bench
     does it) at small sizes."""
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 before triton is imported to check "
-                           "the kernels through the interpreter (python -m bench does)")
+    cuda = common.require_kernels()
     rows = []
     for case in GPU_CHECKS if cuda else CPU_CHECKS:
         rows += _check_case(device="cuda" if cuda else "cpu", **case)
@@ -633,21 +628,6 @@ def check() -> List[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # output
-
-
-def _write(out_dir: str, stem: str, payload: dict, md: str, single: bool, plot_fn) -> str:
-    """Full runs: <stem>.json, .md and (matplotlib) .png; quick runs: one <stem>.md with the JSON
-    embedded at its end (the GPU check script brings back few files)."""
-    if not single:
-        common.save(out_dir, stem, payload, md)
-        png = plot_fn(payload, os.path.join(out_dir, stem + ".png"))
-        return f"{os.path.join(out_dir, stem)}.json/.md" + (" and .png" if png else " (no matplotlib: no plot)")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, stem + ".md")
-    with open(path, "w") as f:
-        f.write(md.rstrip() + "\n\n<details><summary>JSON payload</summary>\n\n```json\n"
-                + json.dumps(payload, indent=1, default=str) + "\n```\n\n</details>\n")
-    return path
 
 
 def run(quick: bool = True, out_dir: str = common.DEFAULT_OUT, budget: Optional[float] = None, device: str = "auto",
@@ -659,12 +639,7 @@ def run(quick: bool = True, out_dir: str = common.DEFAULT_OUT, budget: Optional[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="GPU: prefill 32k and 128k forward; CPU: T=4k")
-    p.add_argument("--out", default=common.DEFAULT_OUT, help="folder for the results (default bench/out)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
-    p.add_argument("--threads", type=int, default=None, help="CPU benchmark: torch threads (default: torch's)")
+    p = common.base_parser(__doc__, quick_help="GPU: prefill 32k and 128k forward; CPU: T=4k")
     args = p.parse_args(argv)
     run(args.quick, args.out, args.budget, args.device, args.threads)
     return 0

@@ -19,7 +19,6 @@ correctness check that ``python -m bench`` runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -186,10 +185,7 @@ def check() -> List[dict]:
     """Triton kernel vs reference, forward and backward: natively on a GPU at moderate sizes, else
     through the Triton interpreter at small sizes (TRITON_INTERPRET=1 must have been set before
     triton was imported; ``python -m bench`` does it). One row per case and tensor."""
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 before triton is imported to check "
-                           "the kernels through the interpreter (python -m bench does)")
+    cuda = common.require_kernels()
     rows = []
     for case in GPU_CHECKS if cuda else CPU_CHECKS:
         rows += _check_case(device="cuda" if cuda else "cpu", **case)
@@ -548,14 +544,7 @@ def run(quick: bool = True, out_dir: str = common.DEFAULT_OUT, budget: Optional[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer sequence lengths and repeats")
-    p.add_argument("--out", default=common.DEFAULT_OUT,
-                   help="folder for the JSON, markdown and PNG (default bench/out)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="auto: the GPU benchmark when CUDA is available, else the CPU one")
-    p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
-    p.add_argument("--threads", type=int, default=None, help="CPU benchmark: torch threads (default: torch's)")
+    p = common.base_parser(__doc__, quick_help="fewer sequence lengths and repeats")
     args = p.parse_args(argv)
     run(args.quick, args.out, args.budget, args.device, args.threads)
     return 0

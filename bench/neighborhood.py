@@ -32,9 +32,7 @@ Flex mask check) that ``python -m bench`` runs.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -465,10 +463,7 @@ def check() -> List[dict]:
     (fp16, D=128), else through the Triton interpreter at small sizes (TRITON_INTERPRET=1 must have
     been set before triton was imported; ``python -m bench`` does it). Then the Flex baseline's
     mask_mod vs the reference's neighborhood_mask on small 1-D/2-D/3-D cases (CPU, exact)."""
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 before triton is imported to check "
-                           "the kernels through the interpreter (python -m bench does)")
+    cuda = common.require_kernels()
     rows = []
     for case in GPU_CHECKS if cuda else CPU_CHECKS:
         rows += _check_case(device="cuda" if cuda else "cpu", **case)
@@ -478,21 +473,6 @@ def check() -> List[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # output helpers
-
-
-def _write(out_dir: str, stem: str, payload: dict, md: str, single: bool, plot_fn) -> str:
-    """Full runs: <stem>.json, .md and (matplotlib) .png. Quick runs (single=True): one <stem>.md
-    holding the markdown and, at its end, the JSON payload in a fenced block."""
-    if not single:
-        common.save(out_dir, stem, payload, md)
-        png = plot_fn(payload, os.path.join(out_dir, stem + ".png"))
-        return f"{os.path.join(out_dir, stem)}.json/.md" + (" and .png" if png else " (no matplotlib: no plot)")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, stem + ".md")
-    with open(path, "w") as f:
-        f.write(md.rstrip() + "\n\n<details><summary>JSON payload</summary>\n\n```json\n"
-                + json.dumps(payload, indent=1) + "\n```\n\n</details>\n")
-    return path + " (quick run: one file, JSON embedded)"
 
 
 def _dt(dtype) -> str:
@@ -693,7 +673,7 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Op
     def write():
         payload["summary"] = summarize_gpu(payload)
         md = gpu_markdown(payload)
-        return md, _write(out_dir, stem, payload, md, quick, plot_gpu)  # after every row: a run cut short keeps it
+        return md, common.write_results(out_dir, stem, payload, md, quick, plot_gpu)  # after every row: a run cut short keeps it
 
     def measure(impl, cn, dtype):
         case = case_by_name(cn)
@@ -861,7 +841,7 @@ def run_cpu(quick: bool, out_dir: str, budget: Optional[float] = None, threads: 
     payload["env"]["loadavg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     payload["summary"] = summarize_cpu(payload["rows"], sizes)
     md = cpu_markdown(payload)
-    where = _write(out_dir, f"{NAME}_cpu", payload, md, quick, plot_cpu)
+    where = common.write_results(out_dir, f"{NAME}_cpu", payload, md, quick, plot_cpu)
     print(md)
     print(f"\n[bench] wrote {where}")
     return payload
@@ -877,13 +857,7 @@ def run(quick: bool = True, out_dir: str = common.DEFAULT_OUT, budget: Optional[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="GPU: fp16, forward, 2 cases; CPU: 32x32 and 64x64")
-    p.add_argument("--out", default=common.DEFAULT_OUT, help="folder for the results (default bench/out)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="auto: the GPU benchmark when CUDA is available, else the CPU one")
-    p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
-    p.add_argument("--threads", type=int, default=None, help="CPU benchmark: torch threads (default: torch's)")
+    p = common.base_parser(__doc__, quick_help="GPU: fp16, forward, 2 cases; CPU: 32x32 and 64x64")
     p.add_argument("--case", action="append", choices=CASE_NAMES, help="GPU: only this case (repeatable)")
     p.add_argument("--dtype", action="append", choices=["float16", "bfloat16"],
                    help="GPU: only this dtype (repeatable)")

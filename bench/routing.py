@@ -36,8 +36,6 @@ one ``.md`` with the JSON embedded. ``check()`` is the kernel-vs-reference corre
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -201,10 +199,7 @@ def check() -> List[dict]:
     """Triton kernels vs the float64 definition, forward and backward: natively on a GPU at moderate
     sizes, else through the Triton interpreter at small sizes (TRITON_INTERPRET=1 must be set
     before triton is imported; ``python -m bench`` does)."""
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 before triton is imported to check "
-                           "the kernels through the interpreter (python -m bench does)")
+    cuda = common.require_kernels()
     rows = []
     for c in GPU_CHECKS if cuda else CPU_CHECKS:
         rows += _check_case(device="cuda" if cuda else "cpu", **c)
@@ -213,20 +208,6 @@ def check() -> List[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # output
-
-
-def _write(out_dir: str, stem: str, payload: dict, md: str, single: bool, plot_fn) -> str:
-    """Full runs: <stem>.json, .md and (matplotlib) .png; quick runs: one .md with the JSON embedded."""
-    if not single:
-        common.save(out_dir, stem, payload, md)
-        png = plot_fn(payload, os.path.join(out_dir, stem + ".png"))
-        return f"{os.path.join(out_dir, stem)}.json/.md" + (" and .png" if png else " (no matplotlib: no plot)")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, stem + ".md")
-    with open(path, "w") as f:
-        f.write(md.rstrip() + "\n\n<details><summary>JSON payload</summary>\n\n```json\n"
-                + json.dumps(payload, indent=1) + "\n```\n\n</details>\n")
-    return path + " (quick run: one file, JSON embedded)"
 
 
 def _bar_plot(path: str, title: str, labels: List[str], series: Dict[str, List[Optional[float]]],
@@ -368,7 +349,7 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Op
     def write():
         payload["summary"] = summarize_gpu(payload)
         md = gpu_markdown(payload)
-        return md, _write(out_dir, stem, payload, md, quick, plot_gpu)
+        return md, common.write_results(out_dir, stem, payload, md, quick, plot_gpu)
 
     for cn in names:
         case = case_by_name(cn)
@@ -461,7 +442,7 @@ def run_cpu(quick: bool, out_dir: str, budget: Optional[float] = None, threads: 
     if threads:
         payload["env"]["cpu_threads"] = threads
     md = cpu_markdown(payload)
-    where = _write(out_dir, f"{NAME}_cpu", payload, md, quick, plot_cpu)
+    where = common.write_results(out_dir, f"{NAME}_cpu", payload, md, quick, plot_cpu)
     print(md)
     print(f"\n[bench] wrote {where}")
     return payload
@@ -477,13 +458,7 @@ def run(quick: bool = True, out_dir: str = common.DEFAULT_OUT, budget: Optional[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="GPU: bf16, 3 cases; CPU: the two small cases")
-    p.add_argument("--out", default=common.DEFAULT_OUT, help="folder for the results (default bench/out)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="auto: the GPU benchmark when CUDA is available, else the CPU one")
-    p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
-    p.add_argument("--threads", type=int, default=None, help="CPU benchmark: torch threads (default: torch's)")
+    p = common.base_parser(__doc__, quick_help="GPU: bf16, 3 cases; CPU: the two small cases")
     p.add_argument("--case", action="append", choices=CASE_NAMES, help="GPU: only this case (repeatable)")
     p.add_argument("--dtype", action="append", choices=["bfloat16", "float32", "float16"],
                    help="GPU: only this dtype (repeatable)")
