@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # Kernel families whose modules subquad.kernels.<name> may define compile_specs(dtype, K, V).
-FAMILIES = ["lightning", "neighborhood", "hip", "routing", "hip_select"]
+FAMILIES = ["lightning", "neighborhood", "hip", "routing"]
 ARCHS = (80, 90)
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128)

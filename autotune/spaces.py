@@ -290,7 +290,7 @@ ROUTING = [ROUTING_FWD, ROUTING_BWD_DQ, ROUTING_BWD_DKDV]
 ALL = ALL + ROUTING
 
 
-# HiP mask estimation (kernels/hip_select.py); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):
+# HiP mask estimation (kernels/hip.py, hip_select_blocks); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):
 # the padded selected-block count, block_size_k, strided-query count, and one query block or more.
 # NR: gathered keys per tl.dot (2 x CH nodes' children x BK tokens; at least 2 BK). Default: the one
 # config found clean (no spills) for fp16/bf16 on sm_80 and sm_90 at D = 64, 128, 256 on both triton

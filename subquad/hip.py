@@ -147,10 +147,7 @@ def _check_triton(B: int, H: int, D: int, p: dict) -> None:
 def _select(q, k, p: dict, backend: str) -> torch.Tensor:
     with torch.no_grad():
         if backend == "triton":
-            try:
-                from .kernels.hip import hip_select_blocks
-            except ImportError:
-                from .kernels.hip_select import hip_select_blocks
+            from .kernels.hip import hip_select_blocks
             return hip_select_blocks(q.detach(), k.detach(), **p)
         return _ref.select_blocks(q.detach(), k.detach(), **p)
 

@@ -97,15 +97,11 @@ def _env():
     return env
 
 
-def _expected_kernels(dtype, K, V):
+def _expected_kernels(family, dtype, K, V):
     import importlib
 
-    names = set()
-    for fam in check.FAMILIES:
-        mod = importlib.import_module(f"subquad.kernels.{fam}")
-        if hasattr(mod, "compile_specs"):
-            names |= {spec[0].kernel for spec in mod.compile_specs(dtype, K, V)}
-    return names
+    mod = importlib.import_module(f"subquad.kernels.{family}")
+    return {spec[0].kernel for spec in mod.compile_specs(dtype, K, V)}
 
 
 def _cuobjdump_available():
@@ -124,11 +120,12 @@ ARCHS = ("sm_80", "sm_90")
 
 
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs the cuobjdump of the triton wheel (Linux)")
-def test_default_configs_compile_clean(tmp_path):
+@pytest.mark.parametrize("family", check.FAMILIES)
+def test_default_configs_compile_clean(tmp_path, family):
     """Every kernel's default config compiles for sm_80 and sm_90 with no spills, fits shared memory
-    and uses tensor cores for its dots."""
+    and uses tensor cores for its dots. One test per family, so pytest-xdist spreads the compiles."""
     out = tmp_path / "check.json"
-    cmd = [sys.executable, "-m", "subquad.autotune", "check", "--used-only", "--quiet",
+    cmd = [sys.executable, "-m", "subquad.autotune", "check", "--used-only", "--quiet", "--families", family,
            "--head-dims", ",".join(map(str, DIMS)), "--dtypes", ",".join(DTYPES), "--archs", "80,90",
            "--json", str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
@@ -141,7 +138,7 @@ def test_default_configs_compile_clean(tmp_path):
     seen = {(r["kernel"], r["arch"], r["dtype"], r["K"]) for r in rows}
     for dtype in DTYPES:
         for d in DIMS:
-            for kernel in _expected_kernels(dtype, d, d):
+            for kernel in _expected_kernels(family, dtype, d, d):
                 for arch in ARCHS:
                     assert (kernel, arch, dtype, d) in seen, f"no row for {kernel} {arch} {dtype} {d}"
     for r in rows:
@@ -150,6 +147,7 @@ def test_default_configs_compile_clean(tmp_path):
         assert r["smem"] <= r["smem_limit"], r
         if r["tc_dots"]:
             assert r["mma"] > 0, r
+    assert rows, f"no compile rows for {family}"
     # the lightning chunk kernels are all dot kernels: make sure that was detected
     for r in rows:
         if r["kernel"] in ("lightning_fwd", "lightning_bwd_dq", "lightning_bwd_dkdv"):

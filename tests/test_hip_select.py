@@ -21,7 +21,7 @@ DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _select(q, k, **kw):
-    from subquad.kernels.hip_select import hip_select_blocks
+    from subquad.kernels.hip import hip_select_blocks
 
     return hip_select_blocks(q, k, **kw)
 
@@ -75,9 +75,9 @@ def test_select_many_ties():
 
 def test_select_waves(monkeypatch):
     """Scratch rows shared across several launches (waves of query blocks) give the same rows."""
-    from subquad.kernels import hip_select
+    from subquad.kernels import hip as hip_kernels
 
-    monkeypatch.setattr(hip_select, "SCRATCH_BYTES", 1)  # one query block per launch
+    monkeypatch.setattr(hip_kernels, "SCRATCH_BYTES", 1)  # one query block per launch
     q, k = _int_inputs(1, 48, 48, 1, 1, 16, torch.float32, seed=5)
     kw = _kw(4, 16, 2, 2, 1, 3)
     assert torch.equal(_select(q, k, **kw).cpu(), ref.select_blocks(q.cpu(), k.cpu(), **kw))
