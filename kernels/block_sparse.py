@@ -1,11 +1,14 @@
 """The block-sparse attention core shared by neighborhood, HiP and routing attention.
 
 A family's kernel owns the walk: which KV tiles a query tile visits (forward, dQ) and which
-query tiles a KV tile is visited by (dK/dV), and the element mask of a tile. Each step of the
-walk loads its tile (``load_rows``), forms the scores with one ``tl.dot``, masks them only when
-the tile needs it, and calls one of the updates below, so the online softmax and the gradient
-algebra exist once. Loads stay at the top level of the walk's loop so Triton can pipeline them. Tiles are row sets given by row offsets (int64, in elements), so a tile can be a run of a
-sequence, a box of a 2-D/3-D layout, or rows gathered from anywhere.
+query tiles a KV tile is visited by (dK/dV), and the element mask of a tile. A query-tile walk
+(forward, or dQ with the same code and ``BWD``) is ``q_walk_init``, then per KV tile: load it
+(``load_rows``), form the scores with one ``tl.dot``, mask them (-inf) only when the tile needs
+it, ``q_walk_step``; then ``q_walk_store``. A KV-tile walk (dK/dV) calls ``dkdv_update`` per
+query tile. So the online softmax and the gradient algebra exist once. Loads stay at the top
+level of the walk's loop so Triton can pipeline them. Tiles are row sets given by row offsets
+(int64, in elements), so a tile can be a run of a sequence, a box of a 2-D/3-D layout, or rows
+gathered from anywhere.
 
 Conventions: scores are kept in the log2 domain (``qk_scale = scale * log2(e)``), the forward
 writes ``lse = m + log2(l)`` (log2 domain) next to o, the backward takes
@@ -22,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "bwd_delta", "precision", "LOG2E"]
+__all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
+           "q_walk_store", "bwd_delta", "precision", "LOG2E"]
 
 
 @triton.jit
@@ -70,6 +74,52 @@ def dkdv_update(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr):
     dst = pt * (dpt - delta[None, :])
     dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
+
+
+@triton.jit
+def q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM: tl.constexpr, BD: tl.constexpr,
+                BWD: tl.constexpr):
+    """Start of a query tile's walk (forward, or dQ with BWD): the tile q and the walk state
+    (do, lse, delta, acc, m_i, l_i). Forward: acc = o accumulator, m_i, l_i the online softmax
+    (do, lse, delta unused). BWD: acc = dQ; rows that saw no key (lse = -inf) or are invalid get
+    lse = +inf, so their P is 0."""
+    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    if BWD:
+        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+    else:
+        do = q
+        lse = m_i
+        delta = l_i
+    return q, do, lse, delta, acc, m_i, l_i
+
+
+@triton.jit
+def q_walk_step(acc, m_i, l_i, s, lse, do, k, v, delta, PREC: tl.constexpr, BWD: tl.constexpr):
+    """One KV tile of a query tile's walk: s [BM, BN] scores in the log2 domain, masked entries
+    -inf. Forward: the online softmax update; BWD: dQ += dS K with P = 2^(s - lse)."""
+    if BWD:
+        acc = dq_update(acc, tl.math.exp2(s - lse[:, None]), do, k, v, delta, PREC)
+    else:
+        acc, m_i, l_i = fwd_update(acc, m_i, l_i, s, v, PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD: tl.constexpr):
+    """End of a query tile's walk: forward writes o and lse, BWD writes dQ (times ``scale``)."""
+    mask = q_ok[:, None] & d_ok[None, :]
+    if BWD:
+        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (acc * scale).to(DQ.dtype.element_ty), mask=mask)
+    else:
+        o, lse = fwd_finish(acc, m_i, l_i)
+        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask)
+        tl.store(LSE + stat_rows, lse, mask=q_ok)
 
 
 def bwd_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:

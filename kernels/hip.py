@@ -82,7 +82,8 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import LOG2E, bwd_delta, dkdv_update, dq_update, fwd_finish, fwd_update, load_rows, precision
+from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
+                           q_walk_store)
 from .common import empty, pow2
 
 __all__ = ["HipAttentionFunction", "hip_sparse_attention", "hip_fwd", "hip_bwd", "hip_select_blocks", "select_meta",
@@ -178,18 +179,8 @@ def _hip_q_kernel(
     q_rows = stat_rows * D
     kv_base = b.to(tl.int64) * Tk
     blkrow = BLK + ((b.to(tl.int64) * H + h) * NQB + qb) * Kb
-    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
-    if BWD:
-        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
-        lse = tl.load(LSE + stat_rows, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
-        dq = tl.zeros([BM, BD], dtype=tl.float32)
-        fill = 0.0
-    else:
-        acc = tl.zeros([BM, BD], dtype=tl.float32)
-        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BM], dtype=tl.float32)
-        fill = float("-inf")
+    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
+                                                   BM, BD, BWD)
 
     # (1) sinks + selected blocks, gathered BN positions at a time; every key precedes the block
     for start in range(g_lo, g_hi, BN):
@@ -198,13 +189,8 @@ def _hip_q_kernel(
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        if BWD:
-            sc = tl.math.exp2(sc - lse[:, None])
-        sc = tl.where(ok[None, :], sc, fill)
-        if BWD:
-            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
-        else:
-            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
 
     # (2) the local region [L, p_hi], contiguous; causal mask only where a tile passes p_lo
     for start in range(l_lo, l_hi, BN):
@@ -214,25 +200,14 @@ def _hip_q_kernel(
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        if BWD:
-            sc = tl.math.exp2(sc - lse[:, None])
         if start + BN - 1 > p_lo:
-            sc = tl.where(cols[None, :] <= p_q[:, None], sc, fill)
-        if BWD:
-            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
-        else:
-            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
+            sc = tl.where(cols[None, :] <= p_q[:, None], sc, float("-inf"))
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
 
-    mask2 = q_ok[:, None] & d_ok[None, :]
-    if BWD:
-        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask2)
-    else:
-        o, lse_out = fwd_finish(acc, m_i, l_i)
-        if SPLIT:
-            stat_rows += part.to(tl.int64) * n_stat
-            q_rows = stat_rows * D
-        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask2)
-        tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+    if SPLIT:  # forward only: part s of the partial outputs
+        stat_rows += part.to(tl.int64) * n_stat
+        q_rows = stat_rows * D
+    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
 
 
 @triton.jit

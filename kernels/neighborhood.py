@@ -18,14 +18,14 @@ A KV tile inside every window of the query tile (and inside the sequence) skips 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import LOG2E, bwd_delta, dkdv_update, dq_update, fwd_finish, fwd_update, load_rows, precision
+from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
+                           q_walk_store)
 from .common import empty, pow2
 
 __all__ = ["NeighborhoodAttentionFunction", "na_fwd", "na_bwd"]
@@ -136,17 +136,8 @@ def _na_q_kernel(
     cnt1 = (le1 - 1) // TK1 - lo1 + 1
     cnt2 = (le2 - 1) // TK2 - lo2 + 1
 
-    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
-    if BWD:
-        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
-        lse = tl.load(LSE + stat_rows, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
-        dq = tl.zeros([BM, BD], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BD], dtype=tl.float32)
-        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BM], dtype=tl.float32)
-
+    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
+                                                   BM, BD, BWD)
     for j in range(0, cnt0 * cnt1 * cnt2):
         j0, j1, j2 = _split3(j, cnt1, cnt2)
         kt0 = lo0 + j0
@@ -157,11 +148,6 @@ def _na_q_kernel(
         kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        if BWD:
-            sc = tl.math.exp2(sc - lse[:, None])  # P; masked entries -> 0
-            fill = 0.0
-        else:
-            fill = float("-inf")
         # element mask only on tiles not inside the sequence and every query's window
         full = ((ls0 <= kt0 * TK0) & (kt0 * TK0 + TK0 <= tl.minimum(e0, ng0))
                 & (ls1 <= kt1 * TK1) & (kt1 * TK1 + TK1 <= tl.minimum(e1, ng1))
@@ -170,18 +156,9 @@ def _na_q_kernel(
             mask = ((kc0[None, :] >= st0[:, None]) & (kc0[None, :] < en0[:, None])
                     & (kc1[None, :] >= st1[:, None]) & (kc1[None, :] < en1[:, None])
                     & (kc2[None, :] >= st2[:, None]) & (kc2[None, :] < en2[:, None]) & k_ok[None, :])
-            sc = tl.where(mask, sc, fill)
-        if BWD:
-            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
-        else:
-            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
-    if BWD:
-        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=q_ok[:, None] & d_ok[None, :])
-    else:
-        o, lse_out = fwd_finish(acc, m_i, l_i)
-        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+            sc = tl.where(mask, sc, float("-inf"))
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
+    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
 
 
 @triton.jit

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
-from .block_sparse import LOG2E, bwd_delta, dkdv_update, dq_update, fwd_finish, fwd_update, load_rows, precision
+from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
+                           q_walk_store)
 from .common import empty, pow2
 
 __all__ = ["RoutingAttentionFunction", "routing_attention", "inverse_routing", "route_fwd", "route_bwd",
@@ -73,17 +74,9 @@ def _route_q_kernel(
     tok, q_ok = _slots(reg, t * BM + tl.arange(0, BM), n1, n2, S2, R1, R2, RT)
     stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
     q_rows = stat_rows * D
-    q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
-    if BWD:
-        do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
-        lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a query that saw no key: P = 0
-        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
-        dq = tl.zeros([BM, BD], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BD], dtype=tl.float32)
-        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BM], dtype=tl.float32)
+    # a query that saw no key (every routed region padding) has lse = -inf: q_walk_init gives it P = 0
+    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
+                                                   BM, BD, BWD)
 
     idx_base = b.to(tl.int64) * idx_sb + h * idx_sh + reg * TOPK
     total = TOPK * RT
@@ -97,25 +90,11 @@ def _route_q_kernel(
         kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        if BWD:
-            sc = tl.math.exp2(sc - lse[:, None])
-            fill = 0.0
-        else:
-            fill = float("-inf")
         full = (p0 + BN <= total) & (padded == 0)
         if not full:
-            sc = tl.where(k_ok[None, :], sc, fill)
-        if BWD:
-            dq = dq_update(dq, sc, do, kt, vt, delta, PREC)
-        else:
-            acc, m_i, l_i = fwd_update(acc, m_i, l_i, sc, vt, PREC)
-    if BWD:
-        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=q_ok[:, None] & d_ok[None, :])
-    else:
-        o, lse_out = fwd_finish(acc, m_i, l_i)
-        tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + stat_rows, lse_out, mask=q_ok)
+            sc = tl.where(k_ok[None, :], sc, float("-inf"))
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
+    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
 
 
 @triton.jit
