@@ -8,12 +8,13 @@
 #   2. subquad installed offline (pip install -e ., PEP 660), checked by importing its kernels
 #   3. $OUT/env.txt      GPU, driver, python / torch / triton / FLA versions, commit
 #   4. $OUT/tests.log    python3 -m pytest $TESTS -q, natively on the GPU        (TESTS_TIMEOUT=150)
-#   5. $OUT/bench.log    python3 -m bench --out $OUT: kernel-vs-reference check, then the quick
-#                        GPU benchmark = bench/lightning.py --quick                 (BENCH_TIMEOUT=290,
-#                        results: $OUT/lightning_cuda.json .md .png                  BENCH_BUDGET=240)
+#   5. $OUT/bench.log    python3 -m bench: every family's kernel-vs-reference check, then each
+#                        family's quick GPU benchmark (lightning, neighborhood, hip, routing, in
+#                        that order, sharing BENCH_BUDGET=240 s)                     (BENCH_TIMEOUT=290)
 #   6. appended to $OUT/bench.log: pytest bench --benchmark-only, FLA left out   (PYBENCH_TIMEOUT=30)
-#      (one log: with neighborhood's .md, $OUT holds its limit of 8 files)
 #   7. $OUT/autotune.json     the configs the autotuner chose on this GPU
+#   8. $OUT/results.tar.gz    every benchmark's .json/.md/.png (the device returns at most 8 files,
+#                             so they travel as one archive; unpack into bench/results/<gpu>/)
 # Worst case about 8 minutes (caps 150 + 290 + 30 s plus set-up); run it with timeout_s=600.
 # The benchmark writes its JSON/MD/PNG after every row, so a run cut short keeps what it measured;
 # it measures subquad and SDPA first, then decoding, then FLA (whose first call autotunes for
@@ -28,13 +29,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/out/gpu_check}"
-mkdir -p "$OUT"
+RES="${RES:-/tmp/gpu_check_results}"  # benchmark files, archived into $OUT/results.tar.gz at the end
+mkdir -p "$OUT" "$RES"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-150}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-290}"
 BENCH_BUDGET="${BENCH_BUDGET:-240}"
 PYBENCH_TIMEOUT="${PYBENCH_TIMEOUT:-30}"
 TESTS="${TESTS:-tests}"
-BENCH_CMD="${BENCH_CMD:-python3 -m bench --out $OUT --budget $BENCH_BUDGET}"
+BENCH_CMD="${BENCH_CMD:-python3 -m bench --out $RES --budget $BENCH_BUDGET}"
 export SUBQUAD_CACHE_DIR="${SUBQUAD_CACHE_DIR:-/tmp/subquad-cache}"
 T0=$(date +%s)
 say() { echo "[gpu_check +$(($(date +%s) - T0))s] $*"; }
@@ -113,11 +115,12 @@ sed -n '1p;3p' "$OUT/env.txt"
 echo "tests:        $(verdict "$tests_rc"): $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 echo "python -m bench: $(verdict "$bench_rc"): $(grep -E '^# correctness' "$OUT/bench.log" | tail -n 1)"
 echo "pytest-bench: $(verdict "$pybench_rc"): $(grep -E '(passed|failed|error)' "$OUT/pytest-bench.tmp" | tail -n 1)"
-if [ -f "$OUT/lightning_cuda.md" ]; then
-  echo "lightning targets:"
-  grep -E '^- (PASS|FAIL|n/a)' "$OUT/lightning_cuda.md"
-  grep -A 12 '^Speed-up of subquad' "$OUT/lightning_cuda.md" | grep -E '^\| [0-9]'
-fi
+for md in "$RES"/*_cuda.md "$OUT"/*_cuda.md; do
+  [ -f "$md" ] || continue
+  echo "targets of $(basename "$md"):"
+  grep -E '^- (PASS|FAIL|n/a)' "$md"
+done
 rm -f "$OUT/pytest-bench.tmp"
+if compgen -G "$RES/*" > /dev/null; then tar czf "$OUT/results.tar.gz" -C "$RES" . && rm -rf "$RES"; fi
 echo "files in \$OUT: $(cd "$OUT" && echo *)"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
