@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
-           "q_walk_store", "bwd_delta", "precision", "LOG2E"]
+           "q_walk_store", "BlockSparseFunction", "bwd_delta", "precision", "LOG2E"]
 
 
 @triton.jit
@@ -120,6 +120,32 @@ def q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_
         o, lse = fwd_finish(acc, m_i, l_i)
         tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask)
         tl.store(LSE + stat_rows, lse, mask=q_ok)
+
+
+_TABLE = object()  # marks where a saved tensor goes back into meta
+
+
+class BlockSparseFunction(torch.autograd.Function):
+    """The autograd op of every block-sparse family: ``apply(q, k, v, fwd, bwd, *meta) -> o`` with the
+    family's launchers ``fwd(q, k, v, *meta) -> (o, lse)`` and ``bwd(q, k, v, o, lse, do, *meta) ->
+    (dq, dk, dv)``. ``meta`` (tile tables, geometry, scale) is not differentiable; its tensors (index
+    tables) are saved for the backward like q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fwd, bwd, *meta):
+        o, lse = fwd(q, k, v, *meta)
+        ctx.save_for_backward(q, k, v, o, lse, *[m for m in meta if torch.is_tensor(m)])
+        ctx.bwd = bwd
+        ctx.meta = [_TABLE if torch.is_tensor(m) else m for m in meta]
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *tables = ctx.saved_tensors
+        tables = iter(tables)
+        meta = [next(tables) if m is _TABLE else m for m in ctx.meta]
+        dq, dk, dv = ctx.bwd(q, k, v, o, lse, do.contiguous(), *meta)
+        return (dq, dk, dv, None, None) + (None,) * len(meta)
 
 
 def bwd_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:

@@ -82,11 +82,11 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
-                           q_walk_store)
+from .block_sparse import (LOG2E, BlockSparseFunction, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
+                           q_walk_step, q_walk_store)
 from .common import empty, pow2
 
-__all__ = ["HipAttentionFunction", "hip_sparse_attention", "hip_fwd", "hip_bwd", "hip_select_blocks", "select_meta",
+__all__ = ["hip_sparse_attention", "hip_fwd", "hip_bwd", "hip_select_blocks", "select_meta",
            "compile_specs"]
 
 
@@ -481,25 +481,6 @@ def hip_bwd(q, k, v, o, lse, do, blocks, geom, scale):
     return dq, dk, dv
 
 
-class HipAttentionFunction(torch.autograd.Function):
-    """(q, k, v, blocks, geom, scale) -> o; gradients for q, k, v (blocks are not differentiable).
-    Inputs contiguous: q [B, Tq, H, D], k/v [B, Tk, H_kv, D], blocks int32 [B, H, NQB, Kb];
-    geom = (block_size_q, block_size_k, sink_tokens, window)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, blocks, geom, scale):
-        o, lse = hip_fwd(q, k, v, blocks, geom, scale)
-        ctx.save_for_backward(q, k, v, o, lse, blocks)
-        ctx.geom, ctx.scale = geom, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, blocks = ctx.saved_tensors
-        dq, dk, dv = hip_bwd(q, k, v, o, lse, do.contiguous(), blocks, ctx.geom, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
 def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_tokens, window, scale=None):
     """HiP attention over a given selection, on the Triton kernels (differentiable in q, k, v).
 
@@ -524,8 +505,8 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
     assert B * Hkv <= 65535, "batch x kv heads exceeds the grid limit"
     scale = D ** -0.5 if scale is None else float(scale)
     geom = (int(block_size_q), int(block_size_k), int(sink_tokens), int(window))
-    return HipAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), blocks.contiguous(), geom,
-                                      scale)
+    return BlockSparseFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), hip_fwd, hip_bwd,
+                                     blocks.contiguous(), geom, scale)
 
 
 def compile_specs(dtype: str, K: int, V: int):

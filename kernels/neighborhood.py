@@ -28,7 +28,7 @@ from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, 
                            q_walk_store)
 from .common import empty, pow2
 
-__all__ = ["NeighborhoodAttentionFunction", "na_fwd", "na_bwd"]
+__all__ = ["na_fwd", "na_bwd", "compile_specs"]
 
 
 @triton.jit
@@ -320,25 +320,6 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
     cfg = spaces.NEIGHBORHOOD_BWD_DKDV.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c)))
     launch_dkdv(cfg)
     return dq, dk, dv
-
-
-class NeighborhoodAttentionFunction(torch.autograd.Function):
-    """(q, k, v, geom, rank, scale) -> o, with q/k/v as contiguous 3-D layouts
-    ``[B, n0, n1, n2, H(_kv), D]`` and geom = (n, kernel_size, stride, dilation, is_causal), each a
-    3-tuple (see ``subquad.neighborhood_attention``, which validates and reshapes)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, geom, rank, scale):
-        o, lse = na_fwd(q, k, v, geom, rank, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.geom, ctx.rank, ctx.scale = geom, rank, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = na_bwd(q, k, v, o, lse, do.contiguous(), ctx.geom, ctx.rank, ctx.scale)
-        return dq, dk, dv, None, None, None
 
 
 def compile_specs(dtype: str, K: int, V: int):

@@ -36,11 +36,11 @@ import triton.language as tl
 
 from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
-from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
-                           q_walk_store)
+from .block_sparse import (LOG2E, BlockSparseFunction, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
+                           q_walk_step, q_walk_store)
 from .common import empty, pow2
 
-__all__ = ["RoutingAttentionFunction", "routing_attention", "inverse_routing", "route_fwd", "route_bwd",
+__all__ = ["routing_attention", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
 
 
@@ -241,25 +241,6 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
     return dq, dk, dv
 
 
-class RoutingAttentionFunction(torch.autograd.Function):
-    """(q, k, v, idx, geom, scale) -> o with q, k, v contiguous ``[B, N, H, D]``, idx int32
-    contiguous ``[B, HR, R, topk]`` (HR = 1 or H), geom a ``RegionGeometry``. The routing is not
-    differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, idx, geom, scale):
-        o, lse = route_fwd(q, k, v, idx, geom, scale)
-        ctx.save_for_backward(q, k, v, o, lse, idx)
-        ctx.geom, ctx.scale = geom, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, idx = ctx.saved_tensors
-        dq, dk, dv = route_bwd(q, k, v, o, lse, do.contiguous(), idx, ctx.geom, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
 def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: float, routing):
     """The Triton path of ``subquad.bilevel_routing_attention`` on validated inputs: routing with
     the reference's torch ops (region means, affinity, stable top-k: a few small ops), then the
@@ -273,7 +254,7 @@ def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: flo
     else:
         out_idx = routing.to(torch.int64)
     idx = (out_idx if out_idx.dim() == 4 else out_idx[:, None]).to(torch.int32).contiguous()
-    o = RoutingAttentionFunction.apply(q3, k3, v3, idx, g, scale)
+    o = BlockSparseFunction.apply(q3, k3, v3, route_fwd, route_bwd, idx, g, scale)
     return o.reshape(q.shape), out_idx
 
 

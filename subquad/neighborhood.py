@@ -116,7 +116,8 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
     backend = resolve_backend(backend, q)
     if backend == "triton":
         check_dim("q", q.shape[-1], 16, 256, "head dim D")
-        from .kernels.neighborhood import NeighborhoodAttentionFunction
+        from .kernels.block_sparse import BlockSparseFunction
+        from .kernels.neighborhood import na_bwd, na_fwd
 
         nd = len(spatial)
         pad = (1,) * (3 - nd)  # every layout runs as 3-D: leading dims of size 1, window 1
@@ -129,9 +130,10 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
                              "65535; split the batch")
         if math.prod(ds) > 65535:
             raise ValueError(f"dilation: the product of dilations {ds} exceeds the Triton kernel's limit of 65535")
-        o = NeighborhoodAttentionFunction.apply(
+        # geom: (n, kernel_size, stride, dilation, is_causal) as 3-tuples over the 3-D layout
+        o = BlockSparseFunction.apply(
             q.reshape(B, *n3, H, D).contiguous(), k.reshape(B, *n3, Hkv, D).contiguous(),
-            v.reshape(B, *n3, Hkv, D).contiguous(), geom, nd, scale)
+            v.reshape(B, *n3, Hkv, D).contiguous(), na_fwd, na_bwd, geom, nd, scale)
         return o.reshape(q.shape)
     return _ref.neighborhood_attention(q, k, v, ks, ss, ds, cs, scale)
 
