@@ -65,6 +65,31 @@ def test_every_config_fails_is_an_error(monkeypatch, tmp_path):
     Tuner.forget_memory()
 
 
+def test_spilling_configs_only_when_nothing_runs_clean(monkeypatch, tmp_path):
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: "FakeGPU")
+    Tuner.forget_memory()
+    space = [Config({"BV": 16}), Config({"BV": 32}), Config({"BV": 64})]
+    spill_ms = {16: 3.0, 32: 1.0}
+
+    def bench(cfg):
+        bv = cfg.kw["BV"]
+        if bv in spill_ms:
+            raise tuner_mod.Spilled(spill_ms[bv])
+        if bv == 64 and clean:
+            return 5.0  # slower than both spilling configs, still preferred
+        raise RuntimeError("out of shared memory")
+
+    clean = True
+    assert Tuner("t-spill", space).choose(("a",), FakeCuda(), bench) == space[2]
+    clean = False  # nothing runs clean: the fastest spilling config, not an error
+    assert Tuner("t-spill", space).choose(("b",), FakeCuda(), bench) == space[1]
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    assert data["FakeGPU|t-spill|b"]["ms"]["BV32_w4_s2"].startswith("spills")
+    Tuner.forget_memory()
+
+
 @pytest.mark.parametrize("tuner", spaces.LIGHTNING, ids=lambda t: t.kernel)
 @pytest.mark.parametrize("K,V", [(16, 16), (64, 64), (100, 40), (128, 128), (256, 256)])
 def test_every_lightning_space_has_a_default_for_supported_head_dims(tuner, K, V):
