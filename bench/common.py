@@ -434,3 +434,26 @@ def write_results(out_dir: str, stem: str, payload: dict, md: str, single: bool,
         f.write(md.rstrip() + "\n\n<details><summary>JSON payload</summary>\n\n```json\n"
                 + json.dumps(payload, indent=1) + "\n```\n\n</details>\n")
     return path + " (quick run: one file, JSON embedded)"
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, *spatial, H, D] -> an implementation's layout: "spatial" as is, "bhnd" a contiguous
+    [B, H, N, D] copy (SDPA, Flex)."""
+    if layout == "spatial":
+        return x
+    B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
+    return x.reshape(B, -1, H, D).transpose(1, 2).contiguous()
+
+
+def load_warning(info: dict) -> List[str]:
+    """Markdown lines warning that the CPU was busy before (or, when recorded, after) a CPU run."""
+    cores = info.get("cpu_count") or 1
+    start, end = info.get("loadavg_1min"), info.get("loadavg_1min_end")
+    if not ((start is not None and start > 0.5 * cores) or (end is not None and end > cores + 1)):
+        return []
+    if end is None:
+        when = f"{start:.1f} on {cores} cores at the start"
+    else:
+        when = f"{fmt(start, '.1f')} before and {fmt(end, '.1f')} after this run on {cores} cores"
+    return ["", f"WARNING: 1-min load average {when}: other processes competed for the CPU, so these times are "
+                "not reliable."]

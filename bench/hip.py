@@ -526,11 +526,7 @@ def cpu_markdown(payload: dict) -> str:
     if payload.get("capture"):
         out += ["", "Attention mass captured (CPU, reference selection):", "", _capture_table(payload["capture"])]
     out += ["", f"Memory: {common.CPU_MEMORY_METHOD}."]
-    cores = info.get("cpu_count") or 1
-    start = info.get("loadavg_1min")
-    if start is not None and start > 0.5 * cores:
-        out += ["", f"WARNING: 1-min load average {start:.1f} on {cores} cores at the start: other processes "
-                    "competed for the CPU, so these times are not reliable."]
+    out += common.load_warning(info)
     return "\n".join(out)
 
 

@@ -491,11 +491,7 @@ def cpu_markdown(payload: dict) -> str:
     out += ["", "Targets:", ""] + [f"- {t['text']}" for t in s["targets"]]
     out += ["", f"Memory: {common.CPU_MEMORY_METHOD}."]
     # Load before the run is other processes'; at its end it includes this run's own threads.
-    cores = info.get("cpu_count") or 1
-    start, end = info.get("loadavg_1min"), info.get("loadavg_1min_end")
-    if (start is not None and start > 0.5 * cores) or (end is not None and end > cores + 1):
-        out += ["", f"WARNING: 1-min load average {fmt(start, '.1f')} before and {fmt(end, '.1f')} after this run "
-                    f"on {cores} cores: other processes competed for the CPU, so these times are not reliable."]
+    out += common.load_warning(info)
     return "\n".join(out)
 
 

@@ -317,14 +317,6 @@ def make_inputs(case: dict, B: int, H: int, D: int, dtype, device, seed: int = 0
     return [torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4)]
 
 
-def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """[B, *spatial, H, D] -> the implementation's layout (a contiguous copy for "bhnd")."""
-    if layout == "spatial":
-        return x
-    B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
-    return x.reshape(B, -1, H, D).transpose(1, 2).contiguous()
-
-
 def from_layout(o: torch.Tensor, layout: str, like: torch.Tensor) -> torch.Tensor:
     if layout == "spatial":
         return o
@@ -340,7 +332,7 @@ def make_case(impl: str, mode: str, case: dict, B: int, H: int, D: int, dtype=to
     Returns (fn, leaves): leaves are the tensors whose .grad must be reset between calls.
     """
     layout, attn = attention_fn(impl, case, device, compiled_flex)
-    q, k, v, do = (to_layout(x, layout) for x in make_inputs(case, B, H, D, dtype, device, seed))
+    q, k, v, do = (common.to_layout(x, layout) for x in make_inputs(case, B, H, D, dtype, device, seed))
     return common.timed_call(attn, q, k, v, do, mode, requires_grad)
 
 
@@ -521,7 +513,7 @@ def agreement(impl: str, case: dict, dtype, B: int, H: int, D: int) -> Optional[
         for name in ("subquad", impl):
             layout, attn = attention_fn(name, case, GPU_DEVICE)
             q, k, v, _ = make_inputs(case, B, H, D, dtype, GPU_DEVICE)
-            outs.append(from_layout(attn(*(to_layout(x, layout) for x in (q, k, v))), layout, q).float())
+            outs.append(from_layout(attn(*(common.to_layout(x, layout) for x in (q, k, v))), layout, q).float())
             del q, k, v
         diff = (outs[0] - outs[1]).abs().max().item()
     del outs
@@ -787,11 +779,7 @@ def cpu_markdown(payload: dict) -> str:
         out.append(f"- (quick run: the {CPU_TARGET_SIZE}x{CPU_TARGET_SIZE} target is measured by the full run, "
                    "python bench/neighborhood.py --device cpu)")
     out += ["", f"Memory: {common.CPU_MEMORY_METHOD}."]
-    cores = info.get("cpu_count") or 1
-    start, end = info.get("loadavg_1min"), info.get("loadavg_1min_end")
-    if (start is not None and start > 0.5 * cores) or (end is not None and end > cores + 1):
-        out += ["", f"WARNING: 1-min load average {fmt(start, '.1f')} before and {fmt(end, '.1f')} after this run "
-                    f"on {cores} cores: other processes competed for the CPU, so these times are not reliable."]
+    out += common.load_warning(info)
     return "\n".join(out)
 
 

@@ -117,17 +117,10 @@ def make_inputs(case: dict, dtype, device, seed: int = 0):
     return [torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4)]
 
 
-def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "spatial":
-        return x
-    B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
-    return x.reshape(B, -1, H, D).transpose(1, 2).contiguous()
-
-
 def make_case(impl: str, mode: str, case: dict, dtype, device, requires_grad: bool = True, seed: int = 0):
     """(fn, leaves) for one measurement (see ``common.timed_call``)."""
     layout, attn = attention_fn(impl, case)
-    q, k, v, do = (to_layout(x, layout) for x in make_inputs(case, dtype, device, seed))
+    q, k, v, do = (common.to_layout(x, layout) for x in make_inputs(case, dtype, device, seed))
     return common.timed_call(attn, q, k, v, do, mode, requires_grad)
 
 
@@ -406,11 +399,7 @@ def cpu_markdown(payload: dict) -> str:
     out.append(common.markdown_table(["case", "reference ms", "SDPA ms", "reference vs SDPA (x)",
                                       "reference peak MiB", "SDPA peak MiB", "note"], table))
     out += ["", f"Memory: {common.CPU_MEMORY_METHOD}."]
-    cores = info.get("cpu_count") or 1
-    start = info.get("loadavg_1min")
-    if start is not None and start > 0.5 * cores:
-        out += ["", f"WARNING: 1-min load average {start:.1f} on {cores} cores at the start: other processes "
-                    "competed for the CPU, so these times are not reliable."]
+    out += common.load_warning(info)
     return "\n".join(out)
 
 

@@ -69,6 +69,6 @@ def test_flex_attention_matches_reference(case):
     for impl in ("subquad", "flex"):
         layout, attn = nb.attention_fn(impl, case, "cpu", compiled_flex=False)
         q, k, v, _ = nb.make_inputs(case, B, H, D, torch.float32, "cpu", seed=3)
-        o = attn(*(nb.to_layout(x, layout) for x in (q, k, v)))
+        o = attn(*(common.to_layout(x, layout) for x in (q, k, v)))
         outs.append(nb.from_layout(o, layout, q))
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)

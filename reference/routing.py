@@ -278,6 +278,21 @@ def _as_routing(idx: Tensor) -> Tensor:
     return idx if idx.dim() == 4 else idx[:, None]
 
 
+def _routed_regions(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequence[int], topk: int,
+                    scale: Optional[float], routing):
+    """The steps both region-major paths share: the geometry, the scale, the routing (as returned, and
+    as int64 ``[B, HR, R, topk]``) and q, k, v laid out region-major ``[B, H, R, RT, D]``."""
+    B, H = q.shape[0], q.shape[-2]
+    g = region_geometry(tuple(q.shape[1:-2]), num_regions)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q3, k3, v3 = (x.reshape(B, g.N, H, x.shape[-1]) for x in (q, k, v))
+    if isinstance(routing, str):
+        out_idx = route(q3, k3, g, topk, routing == "per_head")
+    else:
+        out_idx = routing.to(torch.int64)
+    return g, scale, out_idx, _as_routing(out_idx), to_regions(q3, g), to_regions(k3, g), to_regions(v3, g)
+
+
 def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequence[int], topk: int,
                               scale: Optional[float] = None, routing="shared",
                               chunk_elements: Optional[int] = 1 << 24) -> Tuple[Tensor, Tensor]:
@@ -295,15 +310,7 @@ def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequ
     """
     spatial = tuple(q.shape[1:-2])
     B, H, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    g = region_geometry(spatial, num_regions)
-    scale = D ** -0.5 if scale is None else float(scale)
-    q3, k3, v3 = (x.reshape(B, g.N, H, x.shape[-1]) for x in (q, k, v))
-    if isinstance(routing, str):
-        out_idx = route(q3, k3, g, topk, routing == "per_head")
-    else:
-        out_idx = routing.to(torch.int64)
-    idx = _as_routing(out_idx)
-    qr, kr, vr = to_regions(q3, g), to_regions(k3, g), to_regions(v3, g)
+    g, scale, out_idx, idx, qr, kr, vr = _routed_regions(q, k, v, num_regions, topk, scale, routing)
     _, valid = region_tokens(g, q.device)
     acc = _compute_dtype(q.dtype)
     kbias = torch.zeros(valid.shape, dtype=acc, device=q.device).masked_fill(~valid, float("-inf"))
@@ -329,15 +336,7 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequence[int]
     real key gets NaN (the benchmark has none). Returns o ``[B, *spatial, H, D]``."""
     spatial = tuple(q.shape[1:-2])
     B, H, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    g = region_geometry(spatial, num_regions)
-    scale = D ** -0.5 if scale is None else float(scale)
-    q3, k3, v3 = (x.reshape(B, g.N, H, x.shape[-1]) for x in (q, k, v))
-    if isinstance(routing, str):
-        idx = route(q3, k3, g, topk, routing == "per_head")
-    else:
-        idx = routing.to(torch.int64)
-    idx = _as_routing(idx)
-    qr, kr, vr = to_regions(q3, g), to_regions(k3, g), to_regions(v3, g)        # [B, H, R, RT, D]
+    g, scale, _, idx, qr, kr, vr = _routed_regions(q, k, v, num_regions, topk, scale, routing)  # [B, H, R, RT, D]
     bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1) * g.R
     ix = (bh + idx.expand(B, H, g.R, topk)).reshape(-1)
     kg = kr.reshape(B * H * g.R, g.RT * D).index_select(0, ix).reshape(B, H, g.R, topk * g.RT, D)
