@@ -7,12 +7,33 @@ names the argument, what was expected and what was given.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from numbers import Integral
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
+
+
+def is_int(x) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def per_dim_ints(name: str, value, nd: int) -> Tuple[int, ...]:
+    """An int, or a list/tuple of ``nd`` ints (one per spatial dim) -> tuple of ints."""
+    if is_int(value):
+        return (int(value),) * nd
+    if isinstance(value, (list, tuple)):
+        if len(value) != nd:
+            raise ValueError(f"{name} must be an int or a sequence of {nd} ints (one per spatial dim), "
+                             f"got {len(value)} values: {tuple(value)}")
+        for x in value:
+            if not is_int(x):
+                raise TypeError(f"{name} must hold ints, got {type(x).__name__} in {tuple(value)}")
+        return tuple(int(x) for x in value)
+    raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {type(value).__name__}")
 
 
 def check_tensor(name: str, x, rank: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):

@@ -3,12 +3,11 @@ checks, backend dispatch. The semantics are stated in ``subquad.reference.hip``.
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, resolve_backend
 from .reference import hip as _ref
 
 __all__ = ["hip_attention", "hip_mask", "HipMask", "TRITON_LIMITS"]
@@ -69,7 +68,7 @@ class HipMask:
 
 
 def _int_arg(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if value < lo:

@@ -4,12 +4,11 @@ dispatch. The semantics are stated in ``subquad.reference.neighborhood``."""
 from __future__ import annotations
 
 import math
-from numbers import Integral
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, per_dim_ints, resolve_backend
 from .reference import neighborhood as _ref
 
 __all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "neighborhood_speedup_bound"]
@@ -18,24 +17,6 @@ neighborhood_speedup_bound = _ref.neighborhood_speedup_bound
 
 IntOrSeq = Union[int, Sequence[int]]
 BoolOrSeq = Union[bool, Sequence[bool]]
-
-
-def _per_dim_ints(name: str, value, nd: int) -> Tuple[int, ...]:
-    """An int, or a list/tuple of ``nd`` ints (one per spatial dim) -> tuple of ints."""
-    def ok(x):
-        return isinstance(x, Integral) and not isinstance(x, bool)
-
-    if ok(value):
-        return (int(value),) * nd
-    if isinstance(value, (list, tuple)):
-        if len(value) != nd:
-            raise ValueError(f"{name} must be an int or a sequence of {nd} ints (one per spatial dim), "
-                             f"got {len(value)} values: {tuple(value)}")
-        for x in value:
-            if not ok(x):
-                raise TypeError(f"{name} must hold ints, got {type(x).__name__} in {tuple(value)}")
-        return tuple(int(x) for x in value)
-    raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {type(value).__name__}")
 
 
 def _per_dim_bools(name: str, value, nd: int) -> Tuple[bool, ...]:
@@ -60,9 +41,9 @@ def check_window_args(spatial: Sequence[int], kernel_size, stride, dilation, is_
     2 <= kernel_size, 1 <= stride <= kernel_size, 1 <= dilation, kernel_size * dilation <= size.
     """
     nd = len(spatial)
-    ks = _per_dim_ints("kernel_size", kernel_size, nd)
-    ss = _per_dim_ints("stride", stride, nd)
-    ds = _per_dim_ints("dilation", dilation, nd)
+    ks = per_dim_ints("kernel_size", kernel_size, nd)
+    ss = per_dim_ints("stride", stride, nd)
+    ds = per_dim_ints("dilation", dilation, nd)
     cs = _per_dim_bools("is_causal", is_causal, nd)
     for a in range(nd):
         k, s, d, n = ks[a], ss[a], ds[a], spatial[a]

@@ -3,21 +3,16 @@ semantics are stated in ``subquad.reference.routing``."""
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, resolve_backend
 from .reference import routing as _ref
 
 __all__ = ["bilevel_routing_attention"]
 
 ROUTING_MODES = ("shared", "per_head")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
 
 
 def _check_qkv(q, k, v):
@@ -39,19 +34,7 @@ def _check_qkv(q, k, v):
 def check_region_args(spatial: Sequence[int], num_regions, topk) -> Tuple[Tuple[int, ...], int]:
     """Validate num_regions (an int or one per spatial dim, 1 <= S <= size) and topk
     (1 <= topk <= number of regions). Returns (num_regions as a tuple, topk)."""
-    nd = len(spatial)
-    if _is_int(num_regions):
-        ss = (int(num_regions),) * nd
-    elif isinstance(num_regions, (list, tuple)):
-        if len(num_regions) != nd:
-            raise ValueError(f"num_regions must be an int or a sequence of {nd} ints (one per spatial dim), "
-                             f"got {len(num_regions)} values: {tuple(num_regions)}")
-        for x in num_regions:
-            if not _is_int(x):
-                raise TypeError(f"num_regions must hold ints, got {type(x).__name__} in {tuple(num_regions)}")
-        ss = tuple(int(x) for x in num_regions)
-    else:
-        raise TypeError(f"num_regions must be an int or a sequence of {nd} ints, got {type(num_regions).__name__}")
+    ss = per_dim_ints("num_regions", num_regions, len(spatial))
     for a, (s, n) in enumerate(zip(ss, spatial)):
         if s < 1:
             raise ValueError(f"num_regions must be >= 1 in every dim, got {s} in dim {a}")
@@ -61,7 +44,7 @@ def check_region_args(spatial: Sequence[int], num_regions, topk) -> Tuple[Tuple[
     R = 1
     for s in ss:
         R *= s
-    if not _is_int(topk):
+    if not is_int(topk):
         raise TypeError(f"topk must be an int, got {type(topk).__name__}")
     if not 1 <= topk <= R:
         raise ValueError(f"topk must be in [1, number of regions = {R}], got {topk}")
