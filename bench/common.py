@@ -152,6 +152,21 @@ def gpu_peak_mib(fn: Callable, grad_to_none: Optional[Sequence[torch.Tensor]] = 
     return peak / MiB
 
 
+def cuda_graph(fn: Callable) -> Callable:
+    """``fn`` captured once in a CUDA graph (after warm-up calls on a side stream, which compile and
+    tune); returns the replay. How serving engines run a decoding step: no host time per kernel."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def attempt(what: str, fn: Callable):
     """(fn(), None), or (None, note) when it fails: 'OOM' for out of memory, else the error type.
     A benchmark row says why it is empty instead of the whole run dying."""

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import (LOG2E, BlockSparseFunction, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
+from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
                            q_walk_step, q_walk_store)
 from .common import empty, pow2
 
@@ -505,7 +505,7 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
     assert B * Hkv <= 65535, "batch x kv heads exceeds the grid limit"
     scale = D ** -0.5 if scale is None else float(scale)
     geom = (int(block_size_q), int(block_size_k), int(sink_tokens), int(window))
-    return BlockSparseFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), hip_fwd, hip_bwd,
+    return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), hip_fwd, hip_bwd,
                                      blocks.contiguous(), geom, scale)
 
 

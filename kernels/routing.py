@@ -14,8 +14,8 @@ Walks (``idx`` = the routing ``[B, HR, R, topk]``, HR = 1 shared / H per head):
   KV tile and tl.dot sees full-width tiles. Padded keys are masked (-inf) on the tiles that hold
   any (none when the sizes divide and the tile is full).
 * dK / dV (``_route_kv_kernel``): one program per (KV tile of one region r', batch x head); it
-  walks the inverse routing, the CSR list of query regions that routed to r' (built once per call
-  by ``inverse_routing`` with torch ops: a sort of unique keys, deterministic, no atomics),
+  walks the inverse routing, the list of query regions that routed to r' (built once per call
+  by ``inverse_routing``: one small kernel, a prefix-sum compaction, deterministic, no atomics),
   packed the same way: position p is query slot ``p % RT`` of the ``p // RT``-th query region of
   the list. Padded queries read lse = +inf (P = 0); padded keys are not stored.
 
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
-from .block_sparse import (LOG2E, BlockSparseFunction, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
+from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
                            q_walk_step, q_walk_store)
 from .common import empty, pow2
 
@@ -99,8 +99,8 @@ def _route_q_kernel(
 
 @triton.jit
 def _route_kv_kernel(
-    Q, K, V, LSE, DO, DELTA, DK, DV, INV_OFF, INV_IDX,
-    n1, n2, S2, R1, R2, RT, H, inv_sb, inv_sh, nkt, qk_scale, scale,
+    Q, K, V, LSE, DO, DELTA, DK, DV, INV_CNT, INV_IDX,
+    n1, n2, S2, R1, R2, RT, H, inv_sb, inv_sh, R, nkt, qk_scale, scale,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dK, dV of one KV tile (BN slots of one region) over the query regions routed to it."""
@@ -119,8 +119,8 @@ def _route_kv_kernel(
     k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
     v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
     key = b.to(tl.int64) * inv_sb + h * inv_sh + kreg
-    start = tl.load(INV_OFF + key)
-    cnt = tl.load(INV_OFF + key + 1) - start
+    start = key * R
+    cnt = tl.load(INV_CNT + key)
     total = cnt * RT
 
     dk = tl.zeros([BN, BD], dtype=tl.float32)
@@ -150,22 +150,41 @@ def _route_kv_kernel(
 # routing tables
 
 
-def inverse_routing(idx: torch.Tensor, R: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The CSR transpose of a routing ``idx [B, HR, R, topk]`` (no repeats in a row): for key region
-    r' of (b, hr), the query regions that routed to it are ``inv[off[j]:off[j+1]]`` with
-    ``j = (b HR + hr) R + r'``, in increasing order. Returns (off int32 [B HR R + 1], inv int32
-    [B HR R topk]). Torch ops only: a sort of unique int64 keys and a searchsorted, so the result
-    is deterministic on every device."""
+@triton.jit
+def _inverse_kernel(IDX, CNT, INV, R, TOPK, BR: tl.constexpr, BT: tl.constexpr):
+    """Key region r' of one (batch, routing head): the query regions whose routing row holds r',
+    in increasing order, compacted with a prefix sum (no atomics: deterministic)."""
+    key = tl.program_id(0)
+    rk = key % R
+    row0 = (key - rk).to(tl.int64) * TOPK  # first routing entry of this (batch, routing head)
+    cols = tl.arange(0, BT)
+    cnt = 0
+    for r0 in range(0, R, BR):
+        r = r0 + tl.arange(0, BR)
+        ok = (r < R)[:, None] & (cols < TOPK)[None, :]
+        ids = tl.load(IDX + row0 + r[:, None] * TOPK + cols[None, :], mask=ok, other=-1)
+        hit = tl.max((ids == rk).to(tl.int32), axis=1)
+        pos = cnt + tl.cumsum(hit, axis=0) - hit
+        tl.store(INV + key.to(tl.int64) * R + pos, r, mask=hit > 0)
+        cnt += tl.sum(hit, axis=0)
+    tl.store(CNT + key, cnt)
+
+
+def inverse_routing(idx: torch.Tensor, R: int, block_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The transpose of a routing ``idx`` int32 ``[B, HR, R, topk]`` (no repeats in a row): for key
+    region r' of (b, hr), i.e. ``j = (b HR + hr) R + r'``, the query regions that routed to it are
+    ``inv[j, :cnt[j]]``, in increasing order. Returns (cnt int32 [B HR R], inv int32 [B HR R, R];
+    entries past cnt are unset). One launch: at small sizes the op is bound by host time, which a
+    sort-based CSR build in torch ops (~14 launches) dominated. ``block_rows``: routing rows per
+    step (default: up to 4096 entries), a power of two; tests set it small to cross steps."""
     B, HR, _, topk = idx.shape
-    dev = idx.device
-    grp = torch.arange(B * HR, device=dev, dtype=torch.int64).reshape(B, HR, 1, 1)
-    src = torch.arange(R, device=dev, dtype=torch.int64).reshape(1, 1, R, 1)
-    comp = ((grp * R + idx.to(torch.int64)) * R + src).reshape(-1)     # (key region id, query region), unique
-    comp = torch.sort(comp).values
-    inv = (comp % R).to(torch.int32)
-    bounds = torch.arange(B * HR * R + 1, device=dev, dtype=torch.int64) * R
-    off = torch.searchsorted(comp, bounds).to(torch.int32)
-    return off, inv
+    n = B * HR * R
+    cnt = torch.empty(n, dtype=torch.int32, device=idx.device)
+    inv = torch.empty((n, R), dtype=torch.int32, device=idx.device)
+    BT = pow2(topk)
+    BR = block_rows or max(1, min(pow2(R), 4096 // BT))
+    _inverse_kernel[(n,)](idx, cnt, inv, R, topk, BR=BR, BT=BT, num_warps=4)
+    return cnt, inv
 
 
 def region_class(RT: int) -> int:
@@ -220,7 +239,7 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    off, inv = inverse_routing(idx, g.R)
+    cnt, inv = inverse_routing(idx, g.R)
     bucket = _bucket(q, g)
 
     def launch_dq(cfg):
@@ -230,7 +249,7 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
         BN = cfg.kw["BN"]
         nkt = triton.cdiv(g.RT, BN)
         return _route_kv_kernel[(g.R * nkt, B * H)](
-            q, k, v, lse, do, delta, dk, dv, off, inv, *_geom_args(g), H, HR * g.R, g.R if HR > 1 else 0, nkt,
+            q, k, v, lse, do, delta, dk, dv, cnt, inv, *_geom_args(g), H, HR * g.R, g.R if HR > 1 else 0, g.R, nkt,
             scale * LOG2E, scale, D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=BN, PREC=precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -254,7 +273,7 @@ def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: flo
     else:
         out_idx = routing.to(torch.int64)
     idx = (out_idx if out_idx.dim() == 4 else out_idx[:, None]).to(torch.int32).contiguous()
-    o = BlockSparseFunction.apply(q3, k3, v3, route_fwd, route_bwd, idx, g, scale)
+    o = block_sparse_attention(q3, k3, v3, route_fwd, route_bwd, idx, g, scale)
     return o.reshape(q.shape), out_idx
 
 
@@ -273,7 +292,7 @@ def compile_specs(dtype: str, K: int, V: int):
     for tuner, bwd in ((spaces.ROUTING_FWD, False), (spaces.ROUTING_BWD_DQ, True)):
         yield (tuner, _route_q_kernel, q_sig,
                lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec), buckets)
-    kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, INV_OFF=i32, INV_IDX=i32, **geo,
-                  inv_sb="i32", inv_sh="i32", nkt="i32", qk_scale="fp32", scale="fp32")
+    kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, INV_CNT=i32, INV_IDX=i32, **geo,
+                  inv_sb="i32", inv_sh="i32", R="i32", nkt="i32", qk_scale="fp32", scale="fp32")
     yield (spaces.ROUTING_BWD_DKDV, _route_kv_kernel, kv_sig,
            lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)

@@ -117,18 +117,29 @@ def from_regions(x: Tensor, g: RegionGeometry) -> Tensor:
     return x.reshape(B, g.N, H, D)
 
 
+def _region_counts(g: RegionGeometry) -> list:
+    """Real tokens per region (row-major), in closed form: rows inside n1 times columns inside n2."""
+    rows = [max(0, min(g.r1, g.n1 - s * g.r1)) for s in range(g.S1)]
+    cols = [max(0, min(g.r2, g.n2 - s * g.r2)) for s in range(g.S2)]
+    return [max(1, a * b) for a in rows for b in cols]
+
+
 def region_means(x: Tensor, g: RegionGeometry) -> Tensor:
     """``[B, N, H, D]`` -> ``[B, R, H, D]``: the mean over each region's real tokens, in fp32
-    (fp64 for fp64 inputs); 0 for a region without real tokens. Deterministic (no atomics)."""
+    (fp64 for fp64 inputs); 0 for a region without real tokens. Deterministic (no atomics). Two
+    kernels when the sizes divide (a reduction over a view, a scalar division): routing runs on
+    every call, and at BiFormer's small stages its cost is host time per op."""
     B, _, H, D = x.shape
     x = x.reshape(B, g.n1, g.n2, H, D)
     if g.padded:  # zeros add nothing to the sums; the counts below are of real tokens
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, g.S2 * g.r2 - g.n2, 0, g.S1 * g.r1 - g.n1))
     # a reduction over the box dims of a view: one read of x, accumulated in fp32, no copy
     sums = x.reshape(B, g.S1, g.r1, g.S2, g.r2, H, D).sum(dim=(2, 4), dtype=_compute_dtype(x.dtype))
-    _, valid = region_tokens(g, x.device)
-    count = valid.sum(1).clamp(min=1).to(sums.dtype)                 # [R]
-    return sums.reshape(B, g.R, H, D) / count[:, None, None]         # [B, R, H, D]
+    sums = sums.reshape(B, g.R, H, D)
+    if not g.padded:
+        return sums / g.RT
+    count = torch.tensor(_region_counts(g), dtype=sums.dtype).to(sums.device, non_blocking=True)
+    return sums / count[:, None, None]
 
 
 def _stable_topk(a: Tensor, topk: int) -> Tensor:
@@ -142,10 +153,11 @@ def route(q: Tensor, k: Tensor, g: RegionGeometry, topk: int, per_head: bool = F
     or ``[B, H, R, topk]`` (per_head). q, k ``[B, N, H, D]``. Computed without autograd."""
     with torch.no_grad():
         qr, kr = region_means(q, g), region_means(k, g)
-        if per_head:
-            a = torch.einsum("brhd,bshd->bhrs", qr, kr)
-        else:
-            a = torch.einsum("brhd,bshd->brs", qr, kr)
+        B, R, H, D = qr.shape
+        if per_head:  # [B, H, R, D] @ [B, H, D, R]
+            a = torch.matmul(qr.transpose(1, 2), kr.permute(0, 2, 3, 1))
+        else:  # the sum over heads and channels is one contraction over H D
+            a = torch.bmm(qr.reshape(B, R, H * D), kr.reshape(B, R, H * D).transpose(1, 2))
         return _stable_topk(a, topk)
 
 

@@ -97,7 +97,7 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
     backend = resolve_backend(backend, q)
     if backend == "triton":
         check_dim("q", q.shape[-1], 16, 256, "head dim D")
-        from .kernels.block_sparse import BlockSparseFunction
+        from .kernels.block_sparse import block_sparse_attention
         from .kernels.neighborhood import na_bwd, na_fwd
 
         nd = len(spatial)
@@ -112,7 +112,7 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
         if math.prod(ds) > 65535:
             raise ValueError(f"dilation: the product of dilations {ds} exceeds the Triton kernel's limit of 65535")
         # geom: (n, kernel_size, stride, dilation, is_causal) as 3-tuples over the 3-D layout
-        o = BlockSparseFunction.apply(
+        o = block_sparse_attention(
             q.reshape(B, *n3, H, D).contiguous(), k.reshape(B, *n3, Hkv, D).contiguous(),
             v.reshape(B, *n3, Hkv, D).contiguous(), na_fwd, na_bwd, geom, nd, scale)
         return o.reshape(q.shape)

@@ -146,14 +146,14 @@ def test_bad_arguments(name, value, exc, match):
     (dict(topk=5000, block_size_k=2), r"at most 2048 selected blocks .* ceil\(5000 / 2\) = 2500"),
 ])
 def test_triton_limits(kw, match):
-    q, k, v = _qkv()
+    q, k, v = _qkv(device=DEVICE)
     _err(ValueError, match, hip_attention, q, k, v, backend="triton", **kw)
     _err(ValueError, match, hip_mask, q, k, backend="triton", **kw)
     hip_mask(q, k, backend="reference", **kw)  # the reference takes them
 
 
 def test_triton_head_dim():
-    q, k, v = _qkv(D=8)
+    q, k, v = _qkv(D=8, device=DEVICE)
     _err(ValueError, r"head dim D must be in \[16, 256\] for the Triton backend, got 8", hip_attention, q, k, v,
          backend="triton")
     _err(ValueError, "head dim D must be in", hip_mask, q, k, backend="triton")

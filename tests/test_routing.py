@@ -88,18 +88,18 @@ def test_inverse_routing():
     from subquad.kernels.routing import inverse_routing
 
     g = torch.Generator().manual_seed(0)
-    B, HR, R, topk = 2, 3, 7, 3
+    B, HR, R, topk = 2, 3, 37, 5
     idx = torch.stack([torch.randperm(R, generator=g)[:topk] for _ in range(B * HR * R)]).reshape(B, HR, R, topk)
-    off, inv = inverse_routing(idx.to(DEVICE), R)
-    assert off.dtype == torch.int32 and inv.dtype == torch.int32
-    off, inv = off.cpu().long(), inv.cpu().long()
-    assert off[0] == 0 and off[-1] == B * HR * R * topk
+    cnt, inv = inverse_routing(idx.to(DEVICE, torch.int32).contiguous(), R, block_rows=16)  # 3 steps
+    assert cnt.dtype == torch.int32 and inv.dtype == torch.int32 and inv.shape == (B * HR * R, R)
+    cnt, inv = cnt.cpu().long(), inv.cpu().long()
+    assert cnt.sum() == B * HR * R * topk
     for b in range(B):
         for h in range(HR):
             for rk in range(R):
                 j = (b * HR + h) * R + rk
                 want = [r for r in range(R) if rk in idx[b, h, r].tolist()]
-                assert inv[off[j]:off[j + 1]].tolist() == want
+                assert inv[j, :cnt[j]].tolist() == want
 
 
 def test_routing_is_returned_and_deterministic():
@@ -157,7 +157,8 @@ def test_kernel_large(case, dtype):
 
 @pytest.mark.gpu
 def test_no_gathered_copy():
-    """fwd+bwd peak memory above the inputs stays a few times q's size with topk = 16 (a gathered
+    """fwd+bwd peak memory above the inputs stays near what must exist, o, dq, dk, dv (4 times q's
+    size) plus per-row lse/delta and the routing tables, with topk = 16 (a gathered
     [regions, topk * region_tokens, D] copy of K and V alone would be 32 times q's size)."""
     q, k, v, do = (randn(8, 28, 28, 4, 32, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3, 4))
     for x in (q, k, v):
@@ -175,7 +176,7 @@ def test_no_gathered_copy():
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak <= 7 * q.numel() * q.element_size(), f"peak {peak} B vs q {q.numel() * q.element_size()} B"
+    assert peak <= 5 * q.numel() * q.element_size(), f"peak {peak} B vs q {q.numel() * q.element_size()} B"
 
 
 # ----------------------------------------------------------------------------------------------

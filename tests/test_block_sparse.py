@@ -1,0 +1,50 @@
+"""The shared block-sparse machinery: the backward's delta kernel and the inference bypass of autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subquad
+from subquad.kernels import block_sparse
+
+from helpers import DEVICE, KERNEL_DTYPES, randn
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 37, 3, 24), (1, 5, 1, 128), (3, 7, 2, 200)])
+def test_bwd_delta(shape, dtype):
+    o, do = randn(*shape, dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
+    got = block_sparse.bwd_delta(o, do)
+    want = (o.double() * do.double()).sum(-1)
+    assert got.dtype == torch.float32 and got.shape == shape[:-1]
+    # fp32 accumulation of exact products of the (already rounded) inputs
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5 * shape[-1] ** 0.5)
+
+
+def test_inference_skips_autograd():
+    """Without a gradient to compute, the forward launcher runs alone (no autograd node), and gives
+    the same output as the differentiable path."""
+    calls = []
+
+    def fwd(q, k, v, tag):
+        calls.append(tag)
+        return q * 2 + k + v, None
+
+    q, k, v = (randn(2, 3, 1, 4) for _ in range(3))
+    o = block_sparse.block_sparse_attention(q, k, v, fwd, None, "t")
+    assert o.grad_fn is None and calls == ["t"]
+    q.requires_grad_()
+    with torch.no_grad():
+        assert block_sparse.block_sparse_attention(q, k, v, fwd, None, "t").grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_no_grad_output_equals_grad_output(dtype):
+    """One public op per family: the no-grad output is the autograd path's output, bit for bit."""
+    q, k, v = (randn(1, 40, 2, 16, dtype=dtype, seed=s) for s in (1, 2, 3))
+    with torch.no_grad():
+        o0 = subquad.hip_attention(q, k, v, topk=4, block_size_q=8, window=6, sink_tokens=2, backend="triton")
+    o1 = subquad.hip_attention(q.requires_grad_(), k, v, topk=4, block_size_q=8, window=6, sink_tokens=2,
+                               backend="triton")
+    assert o1.grad_fn is not None and torch.equal(o0, o1.detach())
