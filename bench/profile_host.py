@@ -3,7 +3,7 @@
 Prints wall vs host (launch-side) time per call and torch.profiler tables: when host time is close
 to wall time, the case is bound by Python and launch overhead, not by the kernels. The output of
 one run is kept in bench/results/<gpu>/profile-*.log."""
-import time, torch, sys
+import time, torch
 import subquad
 from subquad.reference import routing as R
 from subquad.kernels import routing as K

@@ -54,7 +54,6 @@ attention in float64, tests only).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

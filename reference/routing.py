@@ -30,6 +30,7 @@ pass, so memory stays bounded), ``gather_attention`` (BiFormer's approach: the w
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -117,11 +118,14 @@ def from_regions(x: Tensor, g: RegionGeometry) -> Tensor:
     return x.reshape(B, g.N, H, D)
 
 
-def _region_counts(g: RegionGeometry) -> list:
-    """Real tokens per region (row-major), in closed form: rows inside n1 times columns inside n2."""
+@functools.lru_cache(maxsize=64)
+def _region_counts(g: RegionGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Real tokens per region (row-major, at least 1), in closed form: rows inside n1 times columns
+    inside n2. Cached per geometry and device: no host-to-device copy per call (a call inside a
+    CUDA graph capture could not make one)."""
     rows = [max(0, min(g.r1, g.n1 - s * g.r1)) for s in range(g.S1)]
     cols = [max(0, min(g.r2, g.n2 - s * g.r2)) for s in range(g.S2)]
-    return [max(1, a * b) for a in rows for b in cols]
+    return torch.tensor([max(1, a * b) for a in rows for b in cols], dtype=dtype, device=device)
 
 
 def region_means(x: Tensor, g: RegionGeometry) -> Tensor:
@@ -138,8 +142,7 @@ def region_means(x: Tensor, g: RegionGeometry) -> Tensor:
     sums = sums.reshape(B, g.R, H, D)
     if not g.padded:
         return sums / g.RT
-    count = torch.tensor(_region_counts(g), dtype=sums.dtype).to(sums.device, non_blocking=True)
-    return sums / count[:, None, None]
+    return sums / _region_counts(g, sums.dtype, sums.device)[:, None, None]
 
 
 def _stable_topk(a: Tensor, topk: int) -> Tensor:

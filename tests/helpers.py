@@ -38,3 +38,21 @@ def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False, seed=None
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     x = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
     return x.requires_grad_(requires_grad)
+
+
+def replay_in_cuda_graph(fn):
+    """(eager output, output of a replay): ``fn()`` run once eagerly on a side stream (compiles and
+    tunes), then captured in a CUDA graph; the captured output is poisoned with NaN before the
+    replay, so the replay must rewrite it. Serving engines run decoding steps this way."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = fn().clone()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, out

@@ -8,7 +8,7 @@ import torch
 import subquad
 from subquad.kernels import block_sparse
 
-from helpers import DEVICE, KERNEL_DTYPES, randn
+from helpers import KERNEL_DTYPES, randn
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

@@ -10,7 +10,7 @@ import subquad
 from subquad import HipMask, hip_attention, hip_mask
 from subquad.reference import hip as ref
 
-from helpers import DEVICE
+from helpers import DEVICE, replay_in_cuda_graph
 
 KW = dict(topk=6, block_size_q=8, block_size_k=2, query_stride=2, sink_tokens=2, window=5)
 AKW = dict(block_size_q=8, block_size_k=2, sink_tokens=2, window=5)
@@ -195,3 +195,14 @@ def test_exported():
     assert subquad.hip_attention is hip_attention and subquad.hip_mask is hip_mask
     assert {"hip_attention", "hip_mask", "HipMask"} <= set(subquad.__all__)
     assert DEVICE in ("cpu", "cuda")
+
+
+@pytest.mark.gpu
+def test_decoding_in_cuda_graph():
+    """A decoding step with a reused mask (split-K forward + combine) captured in a CUDA graph
+    replays to the eager output."""
+    q, k, v = _qkv(Tq=1, Tk=3000, H=8, Hkv=2, D=64, dtype=torch.bfloat16, device=DEVICE)
+    kw = dict(topk=64, block_size_q=8, block_size_k=2, query_stride=1, sink_tokens=4, window=32)
+    mask = hip_mask(q, k, **kw)
+    eager, replayed = replay_in_cuda_graph(lambda: hip_attention(q, k, v, mask=mask, **kw))
+    assert torch.equal(eager, replayed)
