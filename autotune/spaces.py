@@ -232,7 +232,8 @@ ALL = ALL + HIP_ATTENTION
 
 
 # Bi-level routing attention; bucket = (dtype name, head dim, region class RS in {16, 32, 64}:
-# pow2 of the tokens per region, clamped to [16, 64]). The region side of a tile (forward / dQ:
+# pow2 of the tokens per region, clamped to [16, 64]; walk class: pow2 of topk x tokens per
+# region, clamped to [64, 512], timed apart because short and long walks want other tile widths). The region side of a tile (forward / dQ:
 # the query tile BM; dK/dV: the KV tile BN) must equal RS for RS 16 / 32 and be >= 64 for RS 64;
 # the other side packs several routed (or routing) regions.
 def _rt(w, st, rs, **kw) -> Config:
@@ -240,7 +241,7 @@ def _rt(w, st, rs, **kw) -> Config:
 
 
 def _rt_valid(cfg: Config, bucket: tuple, region_side: str, acc_tiles: int) -> bool:
-    _, D, rs = bucket
+    _, D, rs = bucket[:3]
     side = cfg.kw[region_side]
     if cfg.kw["RS"] != rs or (side != rs if rs < 64 else side < 64):
         return False

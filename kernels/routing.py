@@ -202,8 +202,15 @@ def _geom_args(g: _ref.RegionGeometry):
     return (g.n1, g.n2, g.S2, g.r1, g.r2, g.RT)
 
 
-def _bucket(q, g):
-    return (str(q.dtype).replace("torch.", ""), q.shape[-1], region_class(g.RT))
+def walk_class(topk: int, RT: int) -> int:
+    """The tuner bucket's walk-length class, routed slots per query region (topk RT) as a power of
+    two in [64, 512]: a walk of one or two KV tiles wants narrow tiles, a long one wide tiles (at
+    64-token regions: 32-wide KV tiles for topk 1, 128-wide for BiFormer's 600x500 stage)."""
+    return min(512, max(64, pow2(topk * RT)))
+
+
+def _bucket(q, g, topk):
+    return (str(q.dtype).replace("torch.", ""), q.shape[-1], region_class(g.RT), walk_class(topk, g.RT))
 
 
 def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
@@ -227,7 +234,7 @@ def route_fwd(q, k, v, idx, g, scale):
     def launch(cfg):  # do / delta / dq are not read when bwd=False
         return _launch_q(cfg, g, scale, q, k, v, o, lse, q, lse, q, idx, bwd=False)
 
-    cfg = spaces.ROUTING_FWD.choose(_bucket(q, g), q.device, lambda c: bench_launch(lambda: launch(c)))
+    cfg = spaces.ROUTING_FWD.choose(_bucket(q, g, idx.shape[-1]), q.device, lambda c: bench_launch(lambda: launch(c)))
     launch(cfg)
     return o, lse
 
@@ -240,7 +247,7 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
     cnt, inv = inverse_routing(idx, g.R)
-    bucket = _bucket(q, g)
+    bucket = _bucket(q, g, idx.shape[-1])
 
     def launch_dq(cfg):
         return _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd=True)
@@ -286,7 +293,7 @@ def compile_specs(dtype: str, K: int, V: int):
     x, f32, i32 = f"*{tdt}", "*fp32", "*i32"
     geo = {name: "i32" for name in ["n1", "n2", "S2", "R1", "R2", "RT", "H"]}
     prec = precision(getattr(torch, dtype))
-    buckets = [(dtype, K, c) for c in (16, 32, 64)]
+    buckets = [(dtype, K, c, 64) for c in (16, 32, 64)]  # the walk class does not change the candidates
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, IDX=i32, **geo, TOPK="i32", idx_sb="i32",
                  idx_sh="i32", nqt="i32", padded="i32", qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.ROUTING_FWD, False), (spaces.ROUTING_BWD_DQ, True)):
