@@ -11,8 +11,8 @@ level of the walk's loop so Triton can pipeline them. Tiles are row sets given b
 gathered from anywhere.
 
 Conventions: scores are kept in the log2 domain (``qk_scale = scale * log2(e)``), the forward
-writes ``lse = m + log2(l)`` (log2 domain) next to o, the backward takes
-``delta = rowsum(dO * O)``. dQ and dK are returned unscaled: multiply by ``scale`` once.
+writes ``lse = m + log2(l)`` (log2 domain) next to o, the dQ walk computes ``delta = rowsum(dO * O)``
+per row and stores it for the dK/dV walk. dQ and dK are returned unscaled: multiply by ``scale`` once.
 
 Counts per visited (query tile BM, KV tile BN) pair at head dim D: forward 4 BM BN D FLOPs
 (QK^T, PV); backward 8 BM BN D for dK/dV (QK^T recompute, P^T dO, V dO^T, dS^T Q) + 6 BM BN D
@@ -25,8 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import empty
+
 __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
-           "q_walk_store", "BlockSparseFunction", "block_sparse_attention", "bwd_delta", "precision", "LOG2E"]
+           "q_walk_store", "BlockSparseFunction", "block_sparse_attention", "bwd_delta_buffer", "precision", "LOG2E"]
 
 
 @triton.jit
@@ -77,12 +79,14 @@ def dkdv_update(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr):
 
 
 @triton.jit
-def q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM: tl.constexpr, BD: tl.constexpr,
+def q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM: tl.constexpr, BD: tl.constexpr,
                 BWD: tl.constexpr):
     """Start of a query tile's walk (forward, or dQ with BWD): the tile q and the walk state
     (do, lse, delta, acc, m_i, l_i). Forward: acc = o accumulator, m_i, l_i the online softmax
     (do, lse, delta unused). BWD: acc = dQ; rows that saw no key (lse = -inf) or are invalid get
-    lse = +inf, so their P is 0."""
+    lse = +inf, so their P is 0; delta = rowsum(dO * O) is computed here and stored to DELTA for
+    the dK/dV launch that follows (every family runs dQ first and each query row belongs to one
+    dQ program: no separate pass over o and dO)."""
     q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -91,7 +95,9 @@ def q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM: tl
         do = load_rows(DO, q_rows, q_ok, offs_d, d_ok)
         lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        o = load_rows(O, q_rows, q_ok, offs_d, d_ok)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + stat_rows, delta, mask=q_ok)
     else:
         do = q
         lse = m_i
@@ -157,28 +163,10 @@ def block_sparse_attention(q, k, v, fwd, bwd, *meta) -> torch.Tensor:
     return fwd(q, k, v, *meta)[0]
 
 
-@triton.jit
-def _delta_kernel(O, DO, DELTA, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    d = tl.arange(0, BD)
-    ok = (r < rows)[:, None] & (d < D)[None, :]
-    off = r.to(tl.int64)[:, None] * D + d[None, :]
-    o = tl.load(O + off, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + r, tl.sum(o * do, axis=1), mask=r < rows)
-
-
-def bwd_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
-    """rowsum(dO * O) in fp32, laid out like lse: [B, *spatial, H]. One pass over o and dO (in torch
-    it took four launches and two fp32 copies of them, the backward's memory peak)."""
-    assert o.shape == do.shape and o.is_contiguous() and do.is_contiguous()
-    D = o.shape[-1]
-    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
-    rows = delta.numel()
-    BD = triton.next_power_of_2(D)
-    BR = max(1, min(64, 4096 // BD))
-    _delta_kernel[(triton.cdiv(rows, BR),)](o, do, delta, rows, D=D, BD=BD, BR=BR, num_warps=4)
-    return delta
+def bwd_delta_buffer(o: torch.Tensor) -> torch.Tensor:
+    """The fp32 ``delta = rowsum(dO * O)`` buffer, laid out like lse ([B, *spatial, H]): written by
+    the dQ launch (``q_walk_init``), read by the dK/dV launch."""
+    return empty(o.shape[:-1], torch.float32, o.device)
 
 
 def precision(dtype: torch.dtype) -> str:

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
+from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init,
                            q_walk_step, q_walk_store)
 from .common import empty, pow2
 
@@ -179,7 +179,7 @@ def _hip_q_kernel(
     q_rows = stat_rows * D
     kv_base = b.to(tl.int64) * Tk
     blkrow = BLK + ((b.to(tl.int64) * H + h) * NQB + qb) * Kb
-    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
+    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    BM, BD, BWD)
 
     # (1) sinks + selected blocks, gathered BN positions at a time; every key precedes the block
@@ -442,7 +442,7 @@ def hip_bwd(q, k, v, o, lse, do, blocks, geom, scale):
     bsq, bk, S, W = geom
     Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
     B, D, Hkv = q.shape[0], q.shape[-1], k.shape[2]
-    delta = bwd_delta(o, do)
+    delta = bwd_delta_buffer(o)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)

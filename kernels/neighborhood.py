@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import (LOG2E, bwd_delta, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
+from .block_sparse import (LOG2E, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
                            q_walk_store)
 from .common import empty, pow2
 
@@ -136,7 +136,7 @@ def _na_q_kernel(
     cnt1 = (le1 - 1) // TK1 - lo1 + 1
     cnt2 = (le2 - 1) // TK2 - lo2 + 1
 
-    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
+    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    BM, BD, BWD)
     for j in range(0, cnt0 * cnt1 * cnt2):
         j0, j1, j2 = _split3(j, cnt1, cnt2)
@@ -299,7 +299,7 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
     n = geom[0]
-    delta = bwd_delta(o, do)
+    delta = bwd_delta_buffer(o)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)

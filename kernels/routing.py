@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
-from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta, dkdv_update, load_rows, precision, q_walk_init,
+from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init,
                            q_walk_step, q_walk_store)
 from .common import empty, pow2
 
@@ -75,7 +75,7 @@ def _route_q_kernel(
     stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
     q_rows = stat_rows * D
     # a query that saw no key (every routed region padding) has lse = -inf: q_walk_init gives it P = 0
-    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
+    q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    BM, BD, BWD)
 
     idx_base = b.to(tl.int64) * idx_sb + h * idx_sh + reg * TOPK
@@ -242,7 +242,7 @@ def route_fwd(q, k, v, idx, g, scale):
 def route_bwd(q, k, v, o, lse, do, idx, g, scale):
     B, _, H, D = q.shape
     HR = idx.shape[1]
-    delta = bwd_delta(o, do)
+    delta = bwd_delta_buffer(o)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)

@@ -1,4 +1,5 @@
-"""The shared block-sparse machinery: the backward's delta kernel and the inference bypass of autograd."""
+"""The shared block-sparse machinery: the inference bypass of autograd. (The backward's delta, computed
+in the dQ walk into a NaN-poisoned buffer, is checked by every family's gradient tests.)"""
 
 from __future__ import annotations
 
@@ -8,18 +9,7 @@ import torch
 import subquad
 from subquad.kernels import block_sparse
 
-from helpers import KERNEL_DTYPES, randn
-
-
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("shape", [(2, 37, 3, 24), (1, 5, 1, 128), (3, 7, 2, 200)])
-def test_bwd_delta(shape, dtype):
-    o, do = randn(*shape, dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
-    got = block_sparse.bwd_delta(o, do)
-    want = (o.double() * do.double()).sum(-1)
-    assert got.dtype == torch.float32 and got.shape == shape[:-1]
-    # fp32 accumulation of exact products of the (already rounded) inputs
-    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5 * shape[-1] ** 0.5)
+from helpers import randn
 
 
 def test_inference_skips_autograd():
