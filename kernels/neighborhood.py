@@ -44,6 +44,17 @@ def _window(i, n, k, s, causal):
 
 
 @triton.jit
+def _tile_span(t, TQ, n, k, s, causal):
+    """Windows of the first and the last valid query of query tile t (TQ in-group indices) along
+    one dim: (first start, first end, last start, last end). Windows are monotone in the query,
+    so every query of the tile sees keys inside [first start, last end) and every one sees
+    [last start, first end)."""
+    f, e = _window(t * TQ, n, k, s, causal)
+    ls, le = _window(tl.minimum(t * TQ + TQ, n) - 1, n, k, s, causal)
+    return f, e, ls, le
+
+
+@triton.jit
 def _lower_bound(target, n, k, s, causal, nbits, USE_END: tl.constexpr):
     """Smallest i in [0, n] with end(i) > target (USE_END) or start(i) > target, by bisection
     (nbits >= bit length of n iterations)."""
@@ -123,12 +134,9 @@ def _na_q_kernel(
     st1, en1 = _window(qc1, ng1, k1, s1, c1)
     st2, en2 = _window(qc2, ng2, k2, s2, c2)
     # first / last valid query of the tile per dim (windows are monotone)
-    f0, e0 = _window(t0 * TQ0, ng0, k0, s0, c0)
-    f1, e1 = _window(t1 * TQ1, ng1, k1, s1, c1)
-    f2, e2 = _window(t2 * TQ2, ng2, k2, s2, c2)
-    ls0, le0 = _window(tl.minimum(t0 * TQ0 + TQ0, ng0) - 1, ng0, k0, s0, c0)
-    ls1, le1 = _window(tl.minimum(t1 * TQ1 + TQ1, ng1) - 1, ng1, k1, s1, c1)
-    ls2, le2 = _window(tl.minimum(t2 * TQ2 + TQ2, ng2) - 1, ng2, k2, s2, c2)
+    f0, e0, ls0, le0 = _tile_span(t0, TQ0, ng0, k0, s0, c0)
+    f1, e1, ls1, le1 = _tile_span(t1, TQ1, ng1, k1, s1, c1)
+    f2, e2, ls2, le2 = _tile_span(t2, TQ2, ng2, k2, s2, c2)
     lo0 = f0 // TK0
     lo1 = f1 // TK1
     lo2 = f2 // TK2
@@ -225,12 +233,9 @@ def _na_kv_kernel(
             lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
             delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
-            _f0, e0 = _window(qt0 * TQ0, ng0, k0, s0, c0)
-            _f1, e1 = _window(qt1 * TQ1, ng1, k1, s1, c1)
-            _f2, e2 = _window(qt2 * TQ2, ng2, k2, s2, c2)
-            ls0, _l0 = _window(tl.minimum(qt0 * TQ0 + TQ0, ng0) - 1, ng0, k0, s0, c0)
-            ls1, _l1 = _window(tl.minimum(qt1 * TQ1 + TQ1, ng1) - 1, ng1, k1, s1, c1)
-            ls2, _l2 = _window(tl.minimum(qt2 * TQ2 + TQ2, ng2) - 1, ng2, k2, s2, c2)
+            _f0, e0, ls0, _l0 = _tile_span(qt0, TQ0, ng0, k0, s0, c0)
+            _f1, e1, ls1, _l1 = _tile_span(qt1, TQ1, ng1, k1, s1, c1)
+            _f2, e2, ls2, _l2 = _tile_span(qt2, TQ2, ng2, k2, s2, c2)
             full = ((ls0 <= kf0) & (kl0 < e0) & (ls1 <= kf1) & (kl1 < e1) & (ls2 <= kf2) & (kl2 < e2))
             if not full:
                 st0, en0 = _window(qc0, ng0, k0, s0, c0)
