@@ -290,8 +290,10 @@ ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
     _rt(4, 1, 16, BM=64, BN=16),
     _rt(2, 1, 16, BM=32, BN=16),
 ], lambda c, b: _rt_valid(c, b, "BN", 2))
+# the inverse routing of the backward (a prefix-sum compaction, no dots; no tuning)
+ROUTING_INVERSE = Tuner("routing_inverse", [_c(4, 1)])
 ROUTING = [ROUTING_FWD, ROUTING_BWD_DQ, ROUTING_BWD_DKDV]
-ALL = ALL + ROUTING
+ALL = ALL + ROUTING + [ROUTING_INVERSE]
 
 
 # HiP mask estimation (kernels/hip.py, hip_select_blocks); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):

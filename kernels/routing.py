@@ -170,20 +170,24 @@ def _inverse_kernel(IDX, CNT, INV, R, TOPK, BR: tl.constexpr, BT: tl.constexpr):
     tl.store(CNT + key, cnt)
 
 
+INVERSE_ENTRIES = 4096  # routing entries the inverse kernel holds per step (BR x BT)
+
+
 def inverse_routing(idx: torch.Tensor, R: int, block_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The transpose of a routing ``idx`` int32 ``[B, HR, R, topk]`` (no repeats in a row): for key
     region r' of (b, hr), i.e. ``j = (b HR + hr) R + r'``, the query regions that routed to it are
     ``inv[j, :cnt[j]]``, in increasing order. Returns (cnt int32 [B HR R], inv int32 [B HR R, R];
     entries past cnt are unset). One launch: at small sizes the op is bound by host time, which a
     sort-based CSR build in torch ops (~14 launches) dominated. ``block_rows``: routing rows per
-    step (default: up to 4096 entries), a power of two; tests set it small to cross steps."""
+    step (default: up to INVERSE_ENTRIES entries), a power of two; tests set it small to cross steps."""
     B, HR, _, topk = idx.shape
     n = B * HR * R
     cnt = torch.empty(n, dtype=torch.int32, device=idx.device)
     inv = torch.empty((n, R), dtype=torch.int32, device=idx.device)
     BT = pow2(topk)
-    BR = block_rows or max(1, min(pow2(R), 4096 // BT))
-    _inverse_kernel[(n,)](idx, cnt, inv, R, topk, BR=BR, BT=BT, num_warps=4)
+    BR = block_rows or max(1, min(pow2(R), INVERSE_ENTRIES // BT))
+    cfg = spaces.ROUTING_INVERSE.default(())
+    _inverse_kernel[(n,)](idx, cnt, inv, R, topk, BR=BR, BT=BT, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return cnt, inv
 
 
@@ -303,3 +307,6 @@ def compile_specs(dtype: str, K: int, V: int):
                   inv_sb="i32", inv_sh="i32", R="i32", nkt="i32", qk_scale="fp32", scale="fp32")
     yield (spaces.ROUTING_BWD_DKDV, _route_kv_kernel, kv_sig,
            lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
+    # the inverse routing at its largest step (BR x BT = INVERSE_ENTRIES); independent of the head dim
+    inv_sig = dict(IDX=i32, CNT=i32, INV=i32, R="i32", TOPK="i32")
+    yield (spaces.ROUTING_INVERSE, _inverse_kernel, inv_sig, lambda c: dict(BR=INVERSE_ENTRIES // 16, BT=16), [()])
