@@ -23,29 +23,18 @@ from subquad.reference import routing as R  # noqa: E402
 ROUTING_CASES = {"s3": (64, 14, 8, 7, 16), "s1": (64, 56, 2, 7, 1)}  # B, side, heads, regions per dim, topk
 
 
-def wall_ms(fn, n=30):
+def report(name, fn, n=30):
+    """Wall and host ms per call of one loop: host = until the last call returned, wall = until the
+    GPU finished it."""
     fn()
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(n):
         fn()
+    host = time.perf_counter() - t0
     torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
-
-
-def host_ms(fn, n=30):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    ms = (time.perf_counter() - t) / n * 1e3
-    torch.cuda.synchronize()
-    return ms
-
-
-def report(name, fn):
-    print(f"{name} wall {wall_ms(fn):.3f} ms, host {host_ms(fn):.3f} ms")
+    wall = time.perf_counter() - t0
+    print(f"{name} wall {wall / n * 1e3:.3f} ms, host {host / n * 1e3:.3f} ms")
 
 
 def tables(fn, rows=18):
