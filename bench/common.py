@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -150,6 +150,43 @@ def gpu_peak_mib(fn: Callable, grad_to_none: Optional[Sequence[torch.Tensor]] = 
     peak = torch.cuda.max_memory_allocated() - base
     _clear_grads(grad_to_none)
     return peak / MiB
+
+
+def measure_modes(what: str, modes: Sequence[str], deadline: Deadline,
+                  make: Callable[[str], tuple], flops: Callable[[str], float]) -> dict:
+    """Median ms, peak MiB, first-call seconds and TFLOP/s of each mode ("fwd", "fwdbwd", ...) of one
+    implementation on one case: ``make(mode)`` builds ``(fn, leaves)`` (see ``timed_call``),
+    ``flops(mode)`` counts the useful work. Modes not started by ``deadline`` and calls that fail
+    leave None and say why in ``note``."""
+    res: Dict[str, object] = {}
+
+    def say(text):
+        res["note"] = (res.get("note", "") + " " + text).strip()
+
+    for mode in modes:
+        if deadline.expired():
+            res[f"{mode}_ms"] = res[f"{mode}_peak_mib"] = None
+            say(f"{mode}: skipped (budget)")
+            continue
+
+        def one():
+            fn, leaves = make(mode)
+            t0 = time.perf_counter()
+            fn()  # warm-up: compiles and autotunes (subquad; Flex and its block mask) on first use
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            return gpu_ms(fn, leaves), gpu_peak_mib(fn, leaves), first
+
+        val, note = attempt(f"{what} {mode}", one)
+        ms = val[0] if val else None
+        res[f"{mode}_ms"] = ms
+        res[f"{mode}_peak_mib"] = val[1] if val else None
+        res[f"{mode}_first_call_s"] = val[2] if val else None
+        res[f"{mode}_tflops"] = flops(mode) / (ms * 1e9) if ms else None
+        if note:
+            say(f"{mode}: {note}")
+        torch.cuda.empty_cache()
+    return res
 
 
 def cuda_graph(fn: Callable) -> Callable:

@@ -479,31 +479,9 @@ def measure_gpu(impl: str, case: dict, dtype, B: int, H: int, D: int, modes: Seq
                 deadline: common.Deadline) -> dict:
     """Median ms and peak memory of each mode of one implementation on one case (modes whose start
     would be past ``deadline`` are skipped)."""
-    res: Dict[str, object] = {}
-    for mode in modes:
-        if deadline.expired():
-            res[f"{mode}_ms"] = res[f"{mode}_peak_mib"] = None
-            res["note"] = (res.get("note", "") + f" {mode}: skipped (deadline)").strip()
-            continue
-
-        def one():
-            fn, leaves = make_case(impl, mode, case, B, H, D, dtype, GPU_DEVICE)
-            t0 = time.perf_counter()
-            fn()  # warm-up: compiles (Flex, block mask) and autotunes (subquad) on first use
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            return common.gpu_ms(fn, leaves), common.gpu_peak_mib(fn, leaves), first
-
-        val, note = common.attempt(f"{impl} {mode} {case['name']} {_dt(dtype)}", one)
-        res[f"{mode}_ms"] = val[0] if val else None
-        res[f"{mode}_peak_mib"] = val[1] if val else None
-        res[f"{mode}_first_call_s"] = val[2] if val else None
-        ms = res[f"{mode}_ms"]
-        res[f"{mode}_tflops"] = flops(impl, mode, case, B, H, D) / (ms * 1e9) if ms else None
-        if note:
-            res["note"] = (res.get("note", "") + f" {mode}: {note}").strip()
-        torch.cuda.empty_cache()
-    return res
+    return common.measure_modes(f"{impl} {case['name']} {_dt(dtype)}", modes, deadline,
+                                lambda mode: make_case(impl, mode, case, B, H, D, dtype, GPU_DEVICE),
+                                lambda mode: flops(impl, mode, case, B, H, D))
 
 
 def agreement(impl: str, case: dict, dtype, B: int, H: int, D: int) -> Optional[float]:

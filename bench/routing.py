@@ -236,28 +236,9 @@ def _bar_plot(path: str, title: str, labels: List[str], series: Dict[str, List[O
 
 
 def measure_gpu(impl: str, case: dict, dtype, modes: Sequence[str], deadline: common.Deadline) -> dict:
-    res: Dict[str, object] = {}
-    for mode in modes:
-        if deadline.expired():
-            res[f"{mode}_ms"] = res[f"{mode}_peak_mib"] = None
-            res["note"] = (res.get("note", "") + f" {mode}: skipped (budget)").strip()
-            continue
-
-        def one():
-            fn, leaves = make_case(impl, mode, case, dtype, GPU_DEVICE)
-            fn()  # warm-up: compiles and autotunes (subquad) on first use
-            torch.cuda.synchronize()
-            return common.gpu_ms(fn, leaves), common.gpu_peak_mib(fn, leaves)
-
-        val, note = common.attempt(f"{impl} {mode} {case['name']} {_dt(dtype)}", one)
-        res[f"{mode}_ms"] = val[0] if val else None
-        res[f"{mode}_peak_mib"] = val[1] if val else None
-        ms = res[f"{mode}_ms"]
-        res[f"{mode}_tflops"] = flops(impl, mode, case) / (ms * 1e9) if ms else None
-        if note:
-            res["note"] = (res.get("note", "") + f" {mode}: {note}").strip()
-        torch.cuda.empty_cache()
-    return res
+    return common.measure_modes(f"{impl} {case['name']} {_dt(dtype)}", modes, deadline,
+                                lambda mode: make_case(impl, mode, case, dtype, GPU_DEVICE),
+                                lambda mode: flops(impl, mode, case))
 
 
 def summarize_gpu(payload: dict) -> dict:
