@@ -8,15 +8,20 @@ the ``cuobjdump`` shipped in the triton wheel (``--dump-resource-usage --dump-sa
 registers, stack / local memory (spills) and static shared memory, and for the count of
 tensor-core instructions (HMMA; HGMMA, the wgmma of sm_90).
 
-A row passes when the kernel compiled, does not spill (STACK == 0 and LOCAL == 0), fits the
-arch's shared memory per block (static + Triton's dynamic ``metadata.shared``), and, when it
-has tensor-core eligible dots (``tl.dot`` on 16-bit operands or with tf32 precision), emits at
-least one tensor-core instruction. A failing row is
+A row passes when the kernel compiled, does not spill inside a loop (STACK == 0 and LOCAL == 0,
+or every spill access outside the loops: a value parked across the main loop costs nothing per
+step, and is noted), fits the arch's shared memory per block (static + Triton's dynamic
+``metadata.shared``), and, when it has tensor-core eligible dots (``tl.dot`` on 16-bit operands or
+with tf32 precision), emits at least one tensor-core instruction. A failing row is
 
 * ``FAIL`` when the config is the tuner's default for that bucket: the config used under the
   interpreter, with tuning off, and the first thing a user gets; the exit code is then 1;
-* ``PRUNED`` otherwise: the runtime tuner drops configs that fail to compile, spill or overflow
-  shared memory, so the failure costs nothing but a candidate.
+* ``PRUNED`` otherwise: the runtime tuner drops configs that fail to compile or overflow shared
+  memory, and times one that spills like any other (the spill shows in its time).
+
+Each row also records ``loop_ops``, the SASS instructions of the main loop (one step of a walk,
+per thread): with the tensor-core count, the static measure of a step's overhead used to compare
+variants of a kernel before a GPU times them.
 
 Family contract: ``compile_specs(dtype, K, V)`` yields ``(tuner, jit_fn, signature, constexprs)``
 per kernel, where ``signature`` maps every runtime argument to its Triton type ("*fp16", "i32",
@@ -108,6 +113,33 @@ def count_tensor_core_ops(sass: str) -> Dict[str, int]:
         if m is not None and m.group(1) in counts:
             counts[m.group(1)] += 1
     return counts
+
+
+_SASS_LINE_RE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
+_SPILL_OPS = ("STL", "LDL")
+
+
+def sass_loops(sass: str) -> Dict[str, int]:
+    """Loop structure of one kernel's ``cuobjdump --dump-sass`` text: ``loop_ops``, the instructions
+    of the innermost loop holding tensor-core ops (the shortest backward branch's range around
+    one: the main loop of a walk, so its per-step cost; 0 when there is none), and ``loop_spills``, the spill accesses
+    (STL / LDL) inside any loop. A spill outside loops (a value parked across the main loop) costs
+    a few instructions per program; one inside costs them every step."""
+    ins = []  # (address, opcode, operands)
+    for line in sass.splitlines():
+        m = _SASS_LINE_RE.match(line)
+        if m is not None:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    at = {a: i for i, (a, _, _) in enumerate(ins)}
+    loops = []
+    for i, (a, op, args) in enumerate(ins):
+        target = re.findall(r"0x([0-9a-fA-F]+)", args) if op == "BRA" else []
+        if target and int(target[-1], 16) <= a and int(target[-1], 16) in at:
+            loops.append((at[int(target[-1], 16)], i))
+    in_loop = set(j for lo, hi in loops for j in range(lo, hi + 1))
+    tc = [(lo, hi) for lo, hi in loops if any(ins[j][1] in TC_OPCODES for j in range(lo, hi + 1))]
+    return {"loop_ops": min((hi - lo + 1 for lo, hi in tc), default=0),
+            "loop_spills": sum(1 for j in in_loop if ins[j][1] in _SPILL_OPS)}
 
 
 def tensor_core_dots(ttir: str) -> Tuple[int, int]:
@@ -228,17 +260,21 @@ def _error_row(fam, kernel, config, default, arch, dtype, K, V, error) -> dict:
 def _finish(row: dict, compiled: bool, error: Optional[str] = None, **res) -> dict:
     """Fill in the measured fields (``None`` where unknown) and the verdict."""
     for key in ("regs", "stack", "local", "smem_static", "smem_dynamic", "smem", "smem_limit", "hmma",
-                "hgmma", "mma", "dots", "tc_dots", "seconds"):
+                "hgmma", "mma", "dots", "tc_dots", "loop_ops", "loop_spills", "seconds"):
         row.setdefault(key, None)
     row.update(res)
     row["compiled"] = compiled
     row["error"] = error
-    reasons = []
+    reasons, notes = [], []
     if not compiled:
         reasons.append(error or "did not compile")
     else:
         if row["stack"] or row["local"]:
-            reasons.append(f"spills (stack {row['stack']} B, local {row['local']} B)")
+            where = f"stack {row['stack']} B, local {row['local']} B"
+            if row["loop_spills"] == 0:
+                notes.append(f"spills outside loops only ({where})")
+            else:  # inside a loop, or not inspected
+                reasons.append(f"spills ({where})")
         if row["smem_limit"] is not None and row["smem"] > row["smem_limit"]:
             reasons.append(f"shared memory {row['smem']} B > {row['smem_limit']} B")
         if row["tc_dots"] and not row["mma"]:
@@ -246,6 +282,7 @@ def _finish(row: dict, compiled: bool, error: Optional[str] = None, **res) -> di
         if not row["regs"]:
             reasons.append("no register count")
     row["reasons"] = reasons
+    row["notes"] = notes
     row["status"] = "PASS" if not reasons else ("FAIL" if row["default"] else "PRUNED")
     return row
 
@@ -341,6 +378,7 @@ def compile_job(job: Job) -> dict:
         if not res:
             raise RuntimeError("cuobjdump reported no resource usage")
         ops = count_tensor_core_ops(out)
+        loops = sass_loops(out)
         src_dot = "tl.dot" in (getattr(fn, "src", None) or "")
         if "ttir" in compiled.asm:  # exact: inlined helpers counted, constexpr-dead branches not
             dots, tc = tensor_core_dots(compiled.asm["ttir"])
@@ -352,6 +390,7 @@ def compile_job(job: Job) -> dict:
             row, compiled=True, regs=res.get("REG"), stack=res.get("STACK", 0), local=res.get("LOCAL", 0),
             smem_static=static, smem_dynamic=dyn, smem=static + dyn, smem_limit=SMEM_LIMIT.get(job.arch),
             hmma=ops["HMMA"], hgmma=ops["HGMMA"], mma=sum(ops.values()), dots=dots, tc_dots=tc, src_dot=src_dot,
+            **loops,
             seconds=round(time.perf_counter() - t0, 2),
         )
     except Exception as exc:
@@ -455,7 +494,7 @@ def format_table(rows: Sequence[dict], failing_only: bool = False) -> str:
         if mma is not None and (r["hmma"] or r["hgmma"]):
             mma = f"{mma} ({'HGMMA' if r['hgmma'] else 'HMMA'})" if not (r["hmma"] and r["hgmma"]) else \
                 f"{mma} ({r['hmma']} HMMA, {r['hgmma']} HGMMA)"
-        notes = "; ".join(r["reasons"]).replace("|", "/")
+        notes = "; ".join(r["reasons"] + r.get("notes", [])).replace("|", "/")
         lines.append(
             f"| {r['kernel']} | {r['config']}{' *' if r['default'] else ''} | {r['arch']} | {r['dtype']} | "
             f"{r['K']}x{r['V']} | {_fmt(r['regs'])} | {_fmt(spill)} | {_fmt(r['smem'])} | {_fmt(mma)} | "
@@ -490,8 +529,8 @@ def summarize(rows: Sequence[dict]) -> str:
                        f"smem {_fmt(r['smem'])} B: {'; '.join(r['reasons'])}")
     out.append("Legend: * = the tuner's default for the bucket (used under the interpreter and with tuning "
                "off). FAIL = a default config fails. PRUNED = a non-default config fails: the runtime tuner "
-               "drops configs that fail to compile, spill or overflow shared memory, so nothing runs it (one "
-               "without tensor-core instructions is only slow and loses the timing).")
+               "drops configs that fail to compile or overflow shared memory, and times one that spills in a "
+               "loop or lacks tensor-core instructions like any other (it is only slow and loses the timing).")
     return "\n".join(out)
 
 

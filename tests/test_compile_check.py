@@ -59,14 +59,41 @@ def test_count_tensor_core_ops_and_dots():
     assert check.tensor_core_dots(TTIR) == (3, 2)
 
 
+LOOP_SASS = """
+        /*0000*/                   STL [R1], R8 ;                                         /* 0x0 */
+        /*0010*/                   IMAD R2, R3, R4, RZ ;                                  /* 0x0 */
+        /*0020*/                   HGMMA.64x64x16.F32 R24, gdesc[UR16], RZ, !UPT ;        /* 0x0 */
+        /*0030*/               @P0 BRA 0x50 ;                                             /* 0x0 */
+        /*0040*/                   FSEL R5, R5, -INF , !P1 ;                              /* 0x0 */
+        /*0050*/                   FFMA R0, R1, R2, R0 ;                                  /* 0x0 */
+        /*0060*/               @P1 BRA 0x10 ;                                             /* 0x0 */
+        /*0070*/                   LDL.LU R8, [R1] ;                                      /* 0x0 */
+        /*0080*/                   IADD3 R9, R9, 0x1, RZ ;                                /* 0x0 */
+        /*0090*/                   LDL R7, [R1+0x4] ;                                     /* 0x0 */
+        /*00a0*/               @P2 BRA 0x80 ;                                             /* 0x0 */
+        /*00b0*/                   EXIT ;                                                 /* 0x0 */
+"""
+
+
+def test_sass_loops():
+    # the tensor-core loop is [0x10, 0x60] (6 instructions; the forward branch inside is not a loop);
+    # the spill store / reload around it are outside any loop, the LDL in the second loop is inside
+    assert check.sass_loops(LOOP_SASS) == {"loop_ops": 6, "loop_spills": 1}
+    assert check.sass_loops(LOOP_SASS.replace("@P2 BRA 0x80", "@P2 BRA 0xb0")) == {"loop_ops": 6, "loop_spills": 0}
+    assert check.sass_loops(SASS) == {"loop_ops": 0, "loop_spills": 0}
+
+
 def test_verdicts():
     base = dict(family="f", kernel="k", config="c", arch="sm_80", dtype="float16", K=64, V=64)
     good = dict(regs=128, stack=0, local=0, smem_static=0, smem_dynamic=1000, smem=1000, smem_limit=166912,
                 hmma=4, hgmma=0, mma=4, dots=1, tc_dots=1)
     assert check._finish(dict(base, default=True), True, **good)["status"] == "PASS"
-    spill = dict(good, stack=56)
+    spill = dict(good, stack=56)  # where the spill lies unknown: counts as in a loop
     assert check._finish(dict(base, default=True), True, **spill)["status"] == "FAIL"
     assert check._finish(dict(base, default=False), True, **spill)["status"] == "PRUNED"
+    assert check._finish(dict(base, default=True), True, **dict(spill, loop_spills=2))["status"] == "FAIL"
+    parked = check._finish(dict(base, default=True), True, **dict(spill, loop_spills=0))
+    assert parked["status"] == "PASS" and parked["notes"] == ["spills outside loops only (stack 56 B, local 0 B)"]
     smem = dict(good, smem=200000)
     assert check._finish(dict(base, default=True), True, **smem)["status"] == "FAIL"
     no_tc = dict(good, mma=0, hmma=0)
