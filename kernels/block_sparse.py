@@ -3,16 +3,19 @@
 A family's kernel owns the walk: which KV tiles a query tile visits (forward, dQ) and which
 query tiles a KV tile is visited by (dK/dV), and the element mask of a tile. A query-tile walk
 (forward, or dQ with the same code and ``BWD``) is ``q_walk_init``, then per KV tile: load it
-(``load_rows``), form the scores with one ``tl.dot``, mask them (-inf) only when the tile needs
-it, ``q_walk_step``; then ``q_walk_store``. A KV-tile walk (dK/dV) calls ``dkdv_update`` per
+(``load_rows``), form the raw scores with one ``tl.dot``, mask them (-inf) only when the tile
+needs it, ``q_walk_step``; then ``q_walk_store``. A KV-tile walk (dK/dV) calls ``dkdv_update`` per
 query tile. So the online softmax and the gradient algebra exist once. Loads stay at the top
 level of the walk's loop so Triton can pipeline them. Tiles are row sets given by row offsets
 (int64, in elements), so a tile can be a run of a sequence, a box of a 2-D/3-D layout, or rows
 gathered from anywhere.
 
-Conventions: scores are kept in the log2 domain (``qk_scale = scale * log2(e)``), the forward
-writes ``lse = m + log2(l)`` (log2 domain) next to o, the dQ walk computes ``delta = rowsum(dO * O)``
-per row and stores it for the dK/dV walk. dQ and dK are returned unscaled: multiply by ``scale`` once.
+Conventions: the walks take raw scores ``s = q . k`` and ``qk_scale = scale * log2(e)`` and scale
+inside the exponent, ``2^(s qk_scale - m)``: one FFMA per score where scaling the tile first costs
+an FMUL and an FADD (the row max is taken on raw scores and scaled once per row: exact, as
+qk_scale > 0). The softmax runs in the log2 domain: the forward writes ``lse = m + log2(l)`` next
+to o, the dQ walk computes ``delta = rowsum(dO * O)`` per row and stores it for the dK/dV walk.
+dQ and dK are returned unscaled: multiply by ``scale`` once.
 
 Counts per visited (query tile BM, KV tile BN) pair at head dim D: forward 4 BM BN D FLOPs
 (QK^T, PV); backward 8 BM BN D for dK/dV (QK^T recompute, P^T dO, V dO^T, dS^T Q) + 6 BM BN D
@@ -33,17 +36,20 @@ __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", 
 
 @triton.jit
 def load_rows(P, rows, ok, offs_d, d_ok):
-    """A [len(rows), BD] tile of rows at int64 element offsets ``rows`` (masked rows read 0)."""
-    return tl.load(P + rows[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    """A [len(rows), BD] tile of rows at int64 element offsets ``rows`` (masked rows read 0). The
+    offsets are summed before the pointer: when ``rows`` is loop-invariant (a walk passing the tile's
+    base in ``P``), so is the whole offset tile, and a step pays one add per vector."""
+    return tl.load(P + (rows[:, None] + offs_d[None, :]), mask=ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
-def fwd_update(acc, m_i, l_i, s, v, PREC: tl.constexpr):
-    """One KV tile of the online softmax: s [BM, BN] scores in the log2 domain with masked entries
-    at -inf, v [BN, BD]. Rows with nothing visible yet stay at m = -inf, l = 0."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def fwd_update(acc, m_i, l_i, s, qk_scale, v, PREC: tl.constexpr):
+    """One KV tile of the online softmax: s [BM, BN] raw scores with masked entries at -inf,
+    v [BN, BD]; m_i is in the log2 domain (scaled). Rows with nothing visible yet stay at
+    m = -inf, l = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -106,13 +112,13 @@ def q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM:
 
 
 @triton.jit
-def q_walk_step(acc, m_i, l_i, s, lse, do, k, v, delta, PREC: tl.constexpr, BWD: tl.constexpr):
-    """One KV tile of a query tile's walk: s [BM, BN] scores in the log2 domain, masked entries
-    -inf. Forward: the online softmax update; BWD: dQ += dS K with P = 2^(s - lse)."""
+def q_walk_step(acc, m_i, l_i, s, qk_scale, lse, do, k, v, delta, PREC: tl.constexpr, BWD: tl.constexpr):
+    """One KV tile of a query tile's walk: s [BM, BN] raw scores q . k, masked entries -inf.
+    Forward: the online softmax update; BWD: dQ += dS K with P = 2^(s qk_scale - lse)."""
     if BWD:
-        acc = dq_update(acc, tl.math.exp2(s - lse[:, None]), do, k, v, delta, PREC)
+        acc = dq_update(acc, tl.math.exp2(s * qk_scale - lse[:, None]), do, k, v, delta, PREC)
     else:
-        acc, m_i, l_i = fwd_update(acc, m_i, l_i, s, v, PREC)
+        acc, m_i, l_i = fwd_update(acc, m_i, l_i, s, qk_scale, v, PREC)
     return acc, m_i, l_i
 
 

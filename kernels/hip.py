@@ -188,9 +188,9 @@ def _hip_q_kernel(
         k_rows = ((kv_base + tok) * Hkv + hk) * D
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, ok, offs_d, d_ok)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
         sc = tl.where(ok[None, :], sc, float("-inf"))
-        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
 
     # (2) the local region [L, p_hi], contiguous; causal mask only where a tile passes p_lo
     for start in range(l_lo, l_hi, BN):
@@ -199,10 +199,10 @@ def _hip_q_kernel(
         k_rows = ((kv_base + cols) * Hkv + hk) * D
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, ok, offs_d, d_ok)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
         if start + BN - 1 > p_lo:
             sc = tl.where(cols[None, :] <= p_q[:, None], sc, float("-inf"))
-        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
 
     if SPLIT:  # forward only: part s of the partial outputs
         stat_rows += part.to(tl.int64) * n_stat

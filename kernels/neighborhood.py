@@ -87,16 +87,57 @@ def _group(gidx, n0, n1, n2, d0, d1, d2):
 
 
 @triton.jit
+def _box_layout(T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, d0, d1, d2, n1, n2):
+    """What every T0 x T1 x T2 box tile shares: each row's in-box coordinates (l0, l1, l2) and its
+    token offset from the box's first token. Computed once per program, so a walk's tile costs one
+    scalar token plus this offset, not a chain of per-row multiplies inside the loop."""
+    r = tl.arange(0, T0 * T1 * T2)
+    l0 = tl.zeros_like(r)  # a dim of one position per tile: a constant the compiler folds away
+    l1 = tl.zeros_like(r)
+    if T0 > 1:
+        l0 = r // (T1 * T2)
+    if T1 > 1:
+        l1 = (r // T2) % T1
+    l2 = r % T2
+    return l0, l1, l2, ((l0 * d0) * n1 + l1 * d1) * n2 + l2 * d2
+
+
+@triton.jit
+def _box_at(t0, t1, t2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, l0, l1, l2, ng0, ng1, ng2,
+            g0, g1, g2, d0, d1, d2, n1, n2):
+    """Box tile (t0, t1, t2) of in-group positions: its first token (scalar) and which rows lie inside
+    the group. A walk only visits tiles whose first position is inside, so a dim of one position
+    per tile needs no per-row test."""
+    first = ((t0 * T0 * d0 + g0) * n1 + (t1 * T1 * d1 + g1)) * n2 + (t2 * T2 * d2 + g2)
+    ok = l2 < ng2 - t2 * T2
+    if T1 > 1:
+        ok = ok & (l1 < ng1 - t1 * T1)
+    if T0 > 1:
+        ok = ok & (l0 < ng0 - t0 * T0)
+    return first, ok
+
+
+@triton.jit
 def _box(t0, t1, t2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, ng0, ng1, ng2, g0, g1, g2,
          d0, d1, d2, n1, n2):
     """Box tile (t0, t1, t2) of T0 x T1 x T2 in-group positions: coordinates, validity, flat token."""
-    l0, l1, l2 = _split3(tl.arange(0, T0 * T1 * T2), T1, T2)
-    c0 = t0 * T0 + l0
-    c1 = t1 * T1 + l1
-    c2 = t2 * T2 + l2
-    ok = (c0 < ng0) & (c1 < ng1) & (c2 < ng2)
-    tok = ((c0 * d0 + g0) * n1 + (c1 * d1 + g1)) * n2 + (c2 * d2 + g2)
-    return c0, c1, c2, ok, tok
+    l0, l1, l2, rel = _box_layout(T0, T1, T2, d0, d1, d2, n1, n2)
+    first, ok = _box_at(t0, t1, t2, T0, T1, T2, l0, l1, l2, ng0, ng1, ng2, g0, g1, g2, d0, d1, d2, n1, n2)
+    return t0 * T0 + l0, t1 * T1 + l1, t2 * T2 + l2, ok, first + rel
+
+
+@triton.jit
+def _next_tile(t0, t1, t2, lo1, lo2, cnt1, cnt2):
+    """The tile after (t0, t1, t2) in a walk over a box of tiles (row-major, from (., lo1, lo2),
+    cnt1 x cnt2 per plane): carried from step to step instead of divided out of a flat counter."""
+    t2 += 1
+    w2 = t2 == lo2 + cnt2
+    t2 = tl.where(w2, lo2, t2)
+    t1 += w2.to(tl.int32)
+    w1 = t1 == lo1 + cnt1
+    t1 = tl.where(w1, lo1, t1)
+    t0 += w1.to(tl.int32)
+    return t0, t1, t2
 
 
 @triton.jit
@@ -146,26 +187,33 @@ def _na_q_kernel(
 
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    BM, BD, BWD)
-    for j in range(0, cnt0 * cnt1 * cnt2):
-        j0, j1, j2 = _split3(j, cnt1, cnt2)
-        kt0 = lo0 + j0
-        kt1 = lo1 + j1
-        kt2 = lo2 + j2
-        kc0, kc1, kc2, k_ok, ktok = _box(kt0, kt1, kt2, TK0, TK1, TK2, ng0, ng1, ng2, g0, g1, g2, d0, d1, d2, n1, n2)
-        k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
-        kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
-        vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+    kl0, kl1, kl2, k_rel = _box_layout(TK0, TK1, TK2, d0, d1, d2, n1, n2)
+    k_rel = k_rel * (Hkv * D)  # element offsets of a KV tile's rows from its first row
+    kv_bh = (b.to(tl.int64) * ntok * Hkv + hk) * D
+    kt0 = lo0
+    kt1 = lo1
+    kt2 = lo2
+    for _ in range(0, cnt0 * cnt1 * cnt2):
+        first, k_ok = _box_at(kt0, kt1, kt2, TK0, TK1, TK2, kl0, kl1, kl2, ng0, ng1, ng2, g0, g1, g2,
+                              d0, d1, d2, n1, n2)
+        k_off = kv_bh + first.to(tl.int64) * (Hkv * D)
+        kt = load_rows(K + k_off, k_rel, k_ok, offs_d, d_ok)
+        vt = load_rows(V + k_off, k_rel, k_ok, offs_d, d_ok)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
         # element mask only on tiles not inside the sequence and every query's window
         full = ((ls0 <= kt0 * TK0) & (kt0 * TK0 + TK0 <= tl.minimum(e0, ng0))
                 & (ls1 <= kt1 * TK1) & (kt1 * TK1 + TK1 <= tl.minimum(e1, ng1))
                 & (ls2 <= kt2 * TK2) & (kt2 * TK2 + TK2 <= tl.minimum(e2, ng2)))
         if not full:
+            kc0 = kt0 * TK0 + kl0
+            kc1 = kt1 * TK1 + kl1
+            kc2 = kt2 * TK2 + kl2
             mask = ((kc0[None, :] >= st0[:, None]) & (kc0[None, :] < en0[:, None])
                     & (kc1[None, :] >= st1[:, None]) & (kc1[None, :] < en1[:, None])
                     & (kc2[None, :] >= st2[:, None]) & (kc2[None, :] < en2[:, None]) & k_ok[None, :])
             sc = tl.where(mask, sc, float("-inf"))
-        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
+        kt0, kt1, kt2 = _next_tile(kt0, kt1, kt2, lo1, lo2, cnt1, cnt2)
     q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
 
 
@@ -216,36 +264,38 @@ def _na_kv_kernel(
     cnt1 = tl.maximum(cnt1, 0)
     cnt2 = tl.maximum(cnt2, 0)
 
+    ql0, ql1, ql2, q_rel = _box_layout(TQ0, TQ1, TQ2, d0, d1, d2, n1, n2)
+    q_rel = q_rel.to(tl.int64) * H  # lse / delta rows of a query tile from its first row (x D: q / dO)
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
-        for j in range(0, cnt0 * cnt1 * cnt2):
-            j0, j1, j2 = _split3(j, cnt1, cnt2)
-            qt0 = lo0 + j0
-            qt1 = lo1 + j1
-            qt2 = lo2 + j2
-            qc0, qc1, qc2, q_ok, tok = _box(qt0, qt1, qt2, TQ0, TQ1, TQ2, ng0, ng1, ng2, g0, g1, g2,
-                                            d0, d1, d2, n1, n2)
-            stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
-            qt = load_rows(Q, stat_rows * D, q_ok, offs_d, d_ok)
-            dot_ = load_rows(DO, stat_rows * D, q_ok, offs_d, d_ok)
-            lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
-            delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        qt0 = lo0
+        qt1 = lo1
+        qt2 = lo2
+        for _ in range(0, cnt0 * cnt1 * cnt2):
+            first, q_ok = _box_at(qt0, qt1, qt2, TQ0, TQ1, TQ2, ql0, ql1, ql2, ng0, ng1, ng2, g0, g1, g2,
+                                  d0, d1, d2, n1, n2)
+            stat0 = (b.to(tl.int64) * ntok + first) * H + h
+            qt = load_rows(Q + stat0 * D, q_rel * D, q_ok, offs_d, d_ok)
+            dot_ = load_rows(DO + stat0 * D, q_rel * D, q_ok, offs_d, d_ok)
+            lse = tl.load(LSE + stat0 + q_rel, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
+            delta = tl.load(DELTA + stat0 + q_rel, mask=q_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
             _f0, e0, ls0, _l0 = _tile_span(qt0, TQ0, ng0, k0, s0, c0)
             _f1, e1, ls1, _l1 = _tile_span(qt1, TQ1, ng1, k1, s1, c1)
             _f2, e2, ls2, _l2 = _tile_span(qt2, TQ2, ng2, k2, s2, c2)
             full = ((ls0 <= kf0) & (kl0 < e0) & (ls1 <= kf1) & (kl1 < e1) & (ls2 <= kf2) & (kl2 < e2))
             if not full:
-                st0, en0 = _window(qc0, ng0, k0, s0, c0)
-                st1, en1 = _window(qc1, ng1, k1, s1, c1)
-                st2, en2 = _window(qc2, ng2, k2, s2, c2)
+                st0, en0 = _window(qt0 * TQ0 + ql0, ng0, k0, s0, c0)
+                st1, en1 = _window(qt1 * TQ1 + ql1, ng1, k1, s1, c1)
+                st2, en2 = _window(qt2 * TQ2 + ql2, ng2, k2, s2, c2)
                 mask_t = ((kc0[:, None] >= st0[None, :]) & (kc0[:, None] < en0[None, :])
                           & (kc1[:, None] >= st1[None, :]) & (kc1[:, None] < en1[None, :])
                           & (kc2[:, None] >= st2[None, :]) & (kc2[:, None] < en2[None, :]))
                 pt = tl.where(mask_t, pt, 0.0)
             dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+            qt0, qt1, qt2 = _next_tile(qt0, qt1, qt2, lo1, lo2, cnt1, cnt2)
     tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
     tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])

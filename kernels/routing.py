@@ -4,15 +4,21 @@ Layout: q, k, v ``[B, N, H, D]`` contiguous (N = n1 n2 tokens in row-major order
 a 1 x T image). Region r = (s1, s2) is the box ``[s1 r1, (s1+1) r1) x [s2 r2, (s2+1) r2)`` of the
 padded grid; slot l in [0, RT = r1 r2) of region r is the position (s1 r1 + l // r2, s2 r2 + l % r2),
 a real token when inside (n1, n2). Tokens are read where they lie (row offsets computed per slot,
-int64), never copied into a region-major or gathered layout.
+int64), never copied into a region-major or gathered layout. A walk step divides nothing: a
+region's corner token (and, for a padded layout, its real rows and columns) comes from a small
+per-geometry table (``region_table``), and the positions of the next tile follow from the last
+by carries (``_walk_next``); the divisions by the region sizes happen once per program. This
+halved the instructions of a step at BiFormer's head dim 32, where the index arithmetic
+outweighed the softmax (static SASS counts, sm_90: bench/README.md).
 
 Walks (``idx`` = the routing ``[B, HR, R, topk]``, HR = 1 shared / H per head):
 * forward / dQ (``_route_q_kernel``): one program per (query tile, batch x head); a query tile is
   BM consecutive slots of one region (the whole region when it is small). It walks the packed KV
   positions p in [0, topk RT): position p is slot ``p % RT`` of region ``idx[r, p // RT]``, BN
   positions per tile, so small regions (BiFormer's late stages: 4 tokens) are packed several to a
-  KV tile and tl.dot sees full-width tiles. Padded keys are masked (-inf) on the tiles that hold
-  any (none when the sizes divide and the tile is full).
+  KV tile and tl.dot sees full-width tiles. Padded keys are masked (-inf); when the sizes divide,
+  only positions past the walk's end are (tested on the position itself, so the walk's carries
+  are not recomputed in the scores' register layout).
 * dK / dV (``_route_kv_kernel``): one program per (KV tile of one region r', batch x head); it
   walks the inverse routing, the list of query regions that routed to r' (built once per call
   by ``inverse_routing``: one small kernel, a prefix-sum compaction, deterministic, no atomics),
@@ -28,6 +34,7 @@ routed regions), 2.5x that for the backward.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Tuple
 
 import torch
@@ -45,20 +52,53 @@ __all__ = ["routing_attention", "inverse_routing", "route_fwd", "route_bwd",
 
 
 @triton.jit
-def _slots(reg, l, n1, n2, S2, R1, R2, RT):
-    """Flat token index and validity of slot(s) ``l`` of region(s) ``reg`` (tensors of one shape)."""
-    i = (reg // S2) * R1 + l // R2
-    j = (reg % S2) * R2 + l % R2
-    ok = (l < RT) & (i < n1) & (j < n2)
-    return i * n2 + j, ok
+def _split_slots(l, R2):
+    """In-box (row, column) of region slots l (division: once per program, not per walk step)."""
+    return l // R2, l % R2
+
+
+@triton.jit
+def _walk_start(BN: tl.constexpr, RT, R2):
+    """The first tile of a packed walk, positions p = 0 .. BN-1, as (list entry a, slot row lr, slot
+    column lc) with p = a RT + lr R2 + lc."""
+    p = tl.arange(0, BN)
+    lr, lc = _split_slots(p % RT, R2)
+    return p // RT, lr, lc
+
+
+@triton.jit
+def _walk_next(a, lr, lc, BN: tl.constexpr, R1, R2, RT):
+    """The next tile of a packed walk: positions advanced by BN with carries (BN = da RT + dr R2 + dc,
+    dr < R1, dc < R2), no division per position."""
+    da = BN // RT
+    dr, dc = _split_slots(BN % RT, R2)
+    lc += dc
+    cc = lc >= R2
+    lc = tl.where(cc, lc - R2, lc)
+    lr += dr + cc.to(tl.int32)
+    cr = lr >= R1
+    lr = tl.where(cr, lr - R1, lr)
+    return a + da + cr.to(tl.int32), lr, lc
+
+
+@triton.jit
+def _region_rows(TAB, reg, lr, lc, ok, n2, PADDED: tl.constexpr):
+    """Flat tokens and validity of slots (lr, lc) of regions ``reg`` (tensors of one shape; ``ok``:
+    the entries that exist). Reads the region table (``region_table``): the box's corner token and,
+    when the layout is padded, its real rows and columns."""
+    row = TAB + reg * 3
+    tok = tl.load(row, mask=ok, other=0) + lr * n2 + lc
+    if PADDED:
+        ok = ok & (lr < tl.load(row + 1, mask=ok, other=0)) & (lc < tl.load(row + 2, mask=ok, other=0))
+    return tok, ok
 
 
 @triton.jit
 def _route_q_kernel(
-    Q, K, V, O, LSE, DO, DELTA, DQ, IDX,
-    n1, n2, S2, R1, R2, RT, H, TOPK, idx_sb, idx_sh, nqt, padded, qk_scale, scale,
+    Q, K, V, O, LSE, DO, DELTA, DQ, IDX, TAB,
+    ntok, n2, R1, R2, RT, H, TOPK, idx_sb, idx_sh, nqt, qk_scale, scale,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BWD: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PADDED: tl.constexpr,
 ):
     """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) of one query tile."""
     pid = tl.program_id(0)
@@ -67,41 +107,45 @@ def _route_q_kernel(
     h = pid_bh % H
     reg = pid // nqt
     t = pid % nqt
-    ntok = n1 * n2
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
+    bh = b.to(tl.int64) * ntok * H + h  # lse row of token 0 of this (batch, head); x D: its q/k/v row
 
-    tok, q_ok = _slots(reg, t * BM + tl.arange(0, BM), n1, n2, S2, R1, R2, RT)
-    stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
+    l = t * BM + tl.arange(0, BM)
+    lr, lc = _split_slots(l, R2)
+    tok, q_ok = _region_rows(TAB, reg + 0 * l, lr, lc, l < RT, n2, PADDED)
+    stat_rows = bh + tok.to(tl.int64) * H
     q_rows = stat_rows * D
     # a query that saw no key (every routed region padding) has lse = -inf: q_walk_init gives it P = 0
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    BM, BD, BWD)
 
-    idx_base = b.to(tl.int64) * idx_sb + h * idx_sh + reg * TOPK
+    idx_row = IDX + b.to(tl.int64) * idx_sb + h * idx_sh + reg * TOPK
+    a, lr, lc = _walk_start(BN, RT, R2)
     total = TOPK * RT
     for p0 in range(0, total, BN):
-        p = p0 + tl.arange(0, BN)
-        p_ok = p < total
-        kreg = tl.load(IDX + idx_base + p // RT, mask=p_ok, other=0)
-        ktok, k_ok = _slots(kreg, p % RT, n1, n2, S2, R1, R2, RT)
-        k_ok = k_ok & p_ok
-        k_rows = ((b.to(tl.int64) * ntok + ktok) * H + h) * D
-        kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)
-        vt = load_rows(V, k_rows, k_ok, offs_d, d_ok)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        full = (p0 + BN <= total) & (padded == 0)
-        if not full:
+        a_ok = a < TOPK
+        kreg = tl.load(idx_row + a, mask=a_ok, other=0)
+        ktok, k_ok = _region_rows(TAB, kreg, lr, lc, a_ok, n2, PADDED)
+        k_rows = ktok.to(tl.int64) * (H * D)
+        kt = load_rows(K + bh * D, k_rows, k_ok, offs_d, d_ok)
+        vt = load_rows(V + bh * D, k_rows, k_ok, offs_d, d_ok)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
+        if PADDED:
             sc = tl.where(k_ok[None, :], sc, float("-inf"))
-        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, lse, do, kt, vt, delta, PREC, BWD)
+        else:  # the same test from the position alone: no copy of the walk's carries in the scores' layout
+            sc = tl.where((p0 + tl.arange(0, BN) < total)[None, :], sc, float("-inf"))
+        acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
+        a, lr, lc = _walk_next(a, lr, lc, BN, R1, R2, RT)
     q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
 
 
 @triton.jit
 def _route_kv_kernel(
-    Q, K, V, LSE, DO, DELTA, DK, DV, INV_CNT, INV_IDX,
-    n1, n2, S2, R1, R2, RT, H, inv_sb, inv_sh, R, nkt, qk_scale, scale,
+    Q, K, V, LSE, DO, DELTA, DK, DV, INV_CNT, INV_IDX, TAB,
+    ntok, n2, R1, R2, RT, H, inv_sb, inv_sh, R, nkt, qk_scale, scale,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     """dK, dV of one KV tile (BN slots of one region) over the query regions routed to it."""
     pid = tl.program_id(0)
@@ -110,37 +154,39 @@ def _route_kv_kernel(
     h = pid_bh % H
     kreg = pid // nkt
     t = pid % nkt
-    ntok = n1 * n2
     offs_d = tl.arange(0, BD)
     d_ok = offs_d < D
+    bh = b.to(tl.int64) * ntok * H + h
 
-    ktok, k_ok = _slots(kreg, t * BN + tl.arange(0, BN), n1, n2, S2, R1, R2, RT)
-    k_rows = ((b.to(tl.int64) * ntok + ktok) * H + h) * D
+    l = t * BN + tl.arange(0, BN)
+    klr, klc = _split_slots(l, R2)
+    ktok, k_ok = _region_rows(TAB, kreg + 0 * l, klr, klc, l < RT, n2, PADDED)
+    k_rows = (bh + ktok.to(tl.int64) * H) * D
     k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
     v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
     key = b.to(tl.int64) * inv_sb + h * inv_sh + kreg
-    start = key * R
+    inv_row = INV_IDX + key * R
     cnt = tl.load(INV_CNT + key)
     total = cnt * RT
 
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
+    a, lr, lc = _walk_start(BM, RT, R2)
     for p0 in range(0, total, BM):
-        p = p0 + tl.arange(0, BM)
-        p_ok = p < total
-        qreg = tl.load(INV_IDX + start + p // RT, mask=p_ok, other=0)
-        qtok, q_ok = _slots(qreg, p % RT, n1, n2, S2, R1, R2, RT)
-        q_ok = q_ok & p_ok
-        stat_rows = (b.to(tl.int64) * ntok + qtok) * H + h
-        qt = load_rows(Q, stat_rows * D, q_ok, offs_d, d_ok)
-        dot_ = load_rows(DO, stat_rows * D, q_ok, offs_d, d_ok)
-        lse = tl.load(LSE + stat_rows, mask=q_ok, other=float("inf"))  # padded queries: P = 0
+        a_ok = a < cnt
+        qreg = tl.load(inv_row + a, mask=a_ok, other=0)
+        qtok, q_ok = _region_rows(TAB, qreg, lr, lc, a_ok, n2, PADDED)
+        stat_rows = qtok.to(tl.int64) * H  # from bh
+        qt = load_rows(Q + bh * D, stat_rows * D, q_ok, offs_d, d_ok)
+        dot_ = load_rows(DO + bh * D, stat_rows * D, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + bh + stat_rows, mask=q_ok, other=float("inf"))  # padded queries: P = 0
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh + stat_rows, mask=q_ok, other=0.0)
         # padded keys of this tile get garbage rows of P, but their dK/dV rows are never stored
         # and a row of dK/dV depends only on its own row of P: no key mask needed
         pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
         dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+        a, lr, lc = _walk_next(a, lr, lc, BM, R1, R2, RT)
     tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
     tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
@@ -202,8 +248,23 @@ def region_class(RT: int) -> int:
 # launchers
 
 
-def _geom_args(g: _ref.RegionGeometry):
-    return (g.n1, g.n2, g.S2, g.r1, g.r2, g.RT)
+@functools.lru_cache(maxsize=64)
+def region_table(g: _ref.RegionGeometry, device: torch.device) -> torch.Tensor:
+    """int32 ``[R, 3]``: per region, the flat token of its box's corner and how many of its box rows
+    and columns are real (fewer at a padded edge). The walks read a region's tokens from it instead
+    of dividing region ids per position. Cached per geometry and device: no copy per call (and a
+    call inside a CUDA graph capture, after the first, makes none)."""
+    rows = []
+    for r in range(g.R):
+        s1, s2 = divmod(r, g.S2)
+        rows.append([s1 * g.r1 * g.n2 + s2 * g.r2, max(0, min(g.r1, g.n1 - s1 * g.r1)),
+                     max(0, min(g.r2, g.n2 - s2 * g.r2))])
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _geom_args(g: _ref.RegionGeometry, device):
+    """The geometry arguments of both kernels: TAB, ntok, n2, R1, R2, RT."""
+    return (region_table(g, device), g.N, g.n2, g.r1, g.r2, g.RT)
 
 
 def walk_class(topk: int, RT: int) -> int:
@@ -224,9 +285,9 @@ def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
     nqt = triton.cdiv(g.RT, BM)
     grid = (g.R * nqt, B * H)
     return _route_q_kernel[grid](
-        q, k, v, o, lse, do, delta, dq, idx, *_geom_args(g), H, topk, HR * g.R * topk,
-        (g.R * topk) if HR > 1 else 0, nqt, int(g.padded), scale * LOG2E, scale,
-        D=D, BD=pow2(D), BM=BM, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype),
+        q, k, v, o, lse, do, delta, dq, idx, *_geom_args(g, q.device), H, topk, HR * g.R * topk,
+        (g.R * topk) if HR > 1 else 0, nqt, scale * LOG2E, scale,
+        D=D, BD=pow2(D), BM=BM, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype), PADDED=g.padded,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -260,9 +321,9 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
         BN = cfg.kw["BN"]
         nkt = triton.cdiv(g.RT, BN)
         return _route_kv_kernel[(g.R * nkt, B * H)](
-            q, k, v, lse, do, delta, dk, dv, cnt, inv, *_geom_args(g), H, HR * g.R, g.R if HR > 1 else 0, g.R, nkt,
-            scale * LOG2E, scale, D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=BN, PREC=precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            q, k, v, lse, do, delta, dk, dv, cnt, inv, *_geom_args(g, q.device), H, HR * g.R, g.R if HR > 1 else 0,
+            g.R, nkt, scale * LOG2E, scale, D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=BN, PREC=precision(q.dtype),
+            PADDED=g.padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = spaces.ROUTING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
     launch_dq(cfg)
@@ -295,18 +356,19 @@ def compile_specs(dtype: str, K: int, V: int):
         return
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x, f32, i32 = f"*{tdt}", "*fp32", "*i32"
-    geo = {name: "i32" for name in ["n1", "n2", "S2", "R1", "R2", "RT", "H"]}
+    geo = {"TAB": i32, **{name: "i32" for name in ["ntok", "n2", "R1", "R2", "RT", "H"]}}
     prec = precision(getattr(torch, dtype))
     buckets = [(dtype, K, c, 64) for c in (16, 32, 64)]  # the walk class does not change the candidates
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, IDX=i32, **geo, TOPK="i32", idx_sb="i32",
-                 idx_sh="i32", nqt="i32", padded="i32", qk_scale="fp32", scale="fp32")
+                 idx_sh="i32", nqt="i32", qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.ROUTING_FWD, False), (spaces.ROUTING_BWD_DQ, True)):
         yield (tuner, _route_q_kernel, q_sig,
-               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec), buckets)
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec,
+                                       PADDED=True), buckets)
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, INV_CNT=i32, INV_IDX=i32, **geo,
                   inv_sb="i32", inv_sh="i32", R="i32", nkt="i32", qk_scale="fp32", scale="fp32")
     yield (spaces.ROUTING_BWD_DKDV, _route_kv_kernel, kv_sig,
-           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec, PADDED=True), buckets)
     # the inverse routing at its largest step (BR x BT = INVERSE_ENTRIES); independent of the head dim
     inv_sig = dict(IDX=i32, CNT=i32, INV=i32, R="i32", TOPK="i32")
     yield (spaces.ROUTING_INVERSE, _inverse_kernel, inv_sig, lambda c: dict(BR=INVERSE_ENTRIES // 16, BT=16), [()])
