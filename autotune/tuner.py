@@ -9,14 +9,17 @@ re-tune or a recompile), and its choices die with the process. Here:
 * on a GPU, the first call for a (kernel, shape bucket) times every valid config of the space
   with ``triton.testing.do_bench`` on the real launch, drops configs that fail to compile (a
   config that spills registers is timed like any other: a spill outside the main loop costs
-  nothing per step, one inside shows in the time; the cache notes it), and stores the winner in a JSON file keyed by
-  (GPU name, triton version, kernel, bucket), so a second process does not tune again.
+  nothing per step, one inside shows in the time; the cache notes it), and stores the winner
+  in a JSON file keyed by (GPU name, triton version, digest of the kernels' source, kernel,
+  bucket), so a second process does not tune again and changed kernels are tuned afresh.
 
 The cache lives in ``$SUBQUAD_CACHE_DIR`` (default ``~/.cache/subquad``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -63,12 +66,26 @@ def cache_path() -> str:
     return os.path.join(root, "autotune.json")
 
 
+@functools.lru_cache(maxsize=1)
+def _code_tag() -> str:
+    """A digest of the kernels' source (``subquad/kernels/*.py``): a choice timed on other kernel
+    code is stale (an upgrade that changes a kernel's step changes which tile wins), so it is not
+    reused."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    digest = hashlib.sha1()
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.endswith(".py"):
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:10]
+
+
 def _device_tag(device) -> str:
     import torch
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name}|triton-{triton.__version__}"
+    return f"{name}|triton-{triton.__version__}|kernels-{_code_tag()}"
 
 
 class Tuner:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from subquad.autotune import Config, Tuner, spaces, tuner as tuner_mod
 
@@ -118,3 +119,10 @@ def test_sequence_length_is_not_a_specialization_key():
         assert list(dns) == ["T"] or [getattr(p, "name", p) for p in dns] == ["T"]
     src = inspect.getsource(kl._bucket)
     assert "T" not in src.split("return", 1)[1]
+
+
+def test_cache_key_names_the_kernel_code():
+    """A choice timed on other kernel code is stale: the key carries a digest of kernels/*.py."""
+    tag = tuner_mod._device_tag(torch.device("cpu"))
+    digest = tag.split("|kernels-")[1]
+    assert len(digest) == 10 and int(digest, 16) >= 0 and digest == tuner_mod._code_tag()
