@@ -484,8 +484,8 @@ def _fmt(v) -> str:
 
 
 def format_table(rows: Sequence[dict], failing_only: bool = False) -> str:
-    head = "| kernel | config | arch | dtype | K x V | regs | stack/spill B | smem B | mma | status | notes |"
-    lines = [head, "|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
+    head = "| kernel | config | arch | dtype | K x V | regs | stack/spill B | smem B | mma | step instrs | status | notes |"
+    lines = [head, "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         if failing_only and r["status"] == "PASS":
             continue
@@ -498,7 +498,7 @@ def format_table(rows: Sequence[dict], failing_only: bool = False) -> str:
         lines.append(
             f"| {r['kernel']} | {r['config']}{' *' if r['default'] else ''} | {r['arch']} | {r['dtype']} | "
             f"{r['K']}x{r['V']} | {_fmt(r['regs'])} | {_fmt(spill)} | {_fmt(r['smem'])} | {_fmt(mma)} | "
-            f"{r['status']} | {notes} |"
+            f"{_fmt(r.get('loop_ops'))} | {r['status']} | {notes} |"
         )
     return "\n".join(lines)
 
@@ -530,7 +530,9 @@ def summarize(rows: Sequence[dict]) -> str:
     out.append("Legend: * = the tuner's default for the bucket (used under the interpreter and with tuning "
                "off). FAIL = a default config fails. PRUNED = a non-default config fails: the runtime tuner "
                "drops configs that fail to compile or overflow shared memory, and times one that spills in a "
-               "loop or lacks tensor-core instructions like any other (it is only slow and loses the timing).")
+               "loop or lacks tensor-core instructions like any other (it is only slow and loses the timing). "
+               "step instrs = SASS instructions per thread of the innermost loop holding tensor-core ops "
+               "(one step of a walk).")
     return "\n".join(out)
 
 

@@ -149,8 +149,9 @@ ARCHS = ("sm_80", "sm_90")
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs the cuobjdump of the triton wheel (Linux)")
 @pytest.mark.parametrize("family", check.FAMILIES)
 def test_default_configs_compile_clean(tmp_path, family):
-    """Every kernel's default config compiles for sm_80 and sm_90 with no spills, fits shared memory
-    and uses tensor cores for its dots. One test per family, so pytest-xdist spreads the compiles."""
+    """Every kernel's default config compiles for sm_80 and sm_90 with no spill inside a loop, fits
+    shared memory and uses tensor cores for its dots. One test per family, so pytest-xdist spreads
+    the compiles."""
     out = tmp_path / "check.json"
     cmd = [sys.executable, "-m", "subquad.autotune", "check", "--used-only", "--quiet", "--families", family,
            "--head-dims", ",".join(map(str, DIMS)), "--dtypes", ",".join(DTYPES), "--archs", "80,90",
@@ -170,7 +171,8 @@ def test_default_configs_compile_clean(tmp_path, family):
                     assert (kernel, arch, dtype, d) in seen, f"no row for {kernel} {arch} {dtype} {d}"
     for r in rows:
         assert r["default"] and r["compiled"] and r["regs"] > 0, r
-        assert r["stack"] == 0 and r["local"] == 0, r
+        # no spill, or only outside every loop (a value parked across the main loop: no cost per step)
+        assert (r["stack"] == 0 and r["local"] == 0) or r["loop_spills"] == 0, r
         assert r["smem"] <= r["smem_limit"], r
         if r["tc_dots"]:
             assert r["mma"] > 0, r
