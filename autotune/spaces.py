@@ -87,16 +87,18 @@ LIGHTNING_BWD_DKDV = Tuner(
 
 # Neighborhood attention; bucket = (dtype name, head dim, spatial rank). Tiles are boxes
 # TQ0 x TQ1 x TQ2 (queries) and TK0 x TK1 x TK2 (keys); lower ranks use leading 1s.
-def _na(w, st, tq, tk):
+def _na(w, st, tq, tk, tma=False):
     rank = 3 - sum(1 for x in tq[:2] if x == 1)  # R: the spatial rank the tile shape is made for
-    return Config({"R": rank, **{f"TQ{i}": x for i, x in enumerate(tq)}, **{f"TK{i}": x for i, x in enumerate(tk)}},
-                  w, st)
+    kw = {"R": rank, **{f"TQ{i}": x for i, x in enumerate(tq)}, **{f"TK{i}": x for i, x in enumerate(tk)}}
+    return Config({**kw, "TMA": 1} if tma else kw, w, st)
 
 
 def _na_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
-    _, D, rank = bucket
+    dtype, D, rank = bucket
     if cfg.kw["R"] != rank:
         return False
+    if cfg.kw.get("TMA") and D * (4 if dtype == "float32" else 2) % 16:
+        return False  # a TMA row must be a multiple of 16 bytes
     tq = [cfg.kw[f"TQ{i}"] for i in range(3)]
     tk = [cfg.kw[f"TK{i}"] for i in range(3)]
     bm, bn = tq[0] * tq[1] * tq[2], tk[0] * tk[1] * tk[2]
@@ -129,6 +131,14 @@ _NA_Q_SPACE = [
     _na(8, 2, (4, 4, 8), (4, 4, 4)),
     _na(4, 2, (2, 4, 8), (2, 4, 4)),
     _na(4, 3, (4, 4, 4), (4, 4, 4)),
+    # K/V tiles through TMA tensor descriptors (untimed: added without a GPU; static check: TMA
+    # loads on sm_90, no spills at D=128): no row offsets in registers, the box in one copy
+    _na(4, 2, (1, 1, 64), (1, 1, 64), tma=True),
+    _na(8, 3, (1, 1, 128), (1, 1, 64), tma=True),
+    _na(4, 3, (1, 1, 64), (1, 1, 64), tma=True),
+    _na(4, 2, (1, 8, 8), (1, 8, 8), tma=True),
+    _na(8, 2, (1, 16, 8), (1, 8, 8), tma=True),
+    _na(4, 2, (4, 4, 4), (4, 4, 4), tma=True),
 ]
 
 # dQ: a narrower KV tile than the forward's keeps dS and the recomputed P within registers.

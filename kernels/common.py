@@ -16,3 +16,23 @@ def empty(shape, dtype, device) -> torch.Tensor:
     if os.environ.get("SUBQUAD_POISON", "0") not in ("", "0"):
         out.fill_(float("nan"))
     return out
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def descriptor_scratch() -> None:
+    """Kernels that build TMA tensor descriptors on the device need Triton's global scratch
+    allocator; install one backed by torch's caching allocator unless the caller has set their
+    own (``triton.set_allocator``)."""
+    import triton
+
+    try:  # a private module: where it is missing, assume no allocator was set
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_scratch)

@@ -26,7 +26,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
                            q_walk_store)
-from .common import empty, pow2
+from .common import descriptor_scratch, empty, pow2
 
 __all__ = ["na_fwd", "na_bwd", "compile_specs"]
 
@@ -127,6 +127,25 @@ def _box(t0, t1, t2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, ng0, 
 
 
 @triton.jit
+def _group_desc(P, first_row, heads, ng0, ng1, ng2, d0, d1, d2, n1, n2, D: tl.constexpr,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BD: tl.constexpr):
+    """A TMA tensor descriptor over one dilation group of one (batch, head) of a ``[B, n0, n1, n2,
+    heads, D]`` tensor: the strided ``[ng0, ng1, ng2, D]`` tensor whose element (0, 0, 0, 0) is at
+    ``P + first_row``, in boxes of T0 x T1 x T2 positions (out-of-range rows read 0)."""
+    row = heads * D  # elements between consecutive tokens
+    return tl.make_tensor_descriptor(
+        P + first_row, shape=[ng0, ng1, ng2, D],
+        strides=[(d0 * n1 * n2).to(tl.int64) * row, (d1 * n2).to(tl.int64) * row, d2.to(tl.int64) * row, 1],
+        block_shape=[T0, T1, T2, BD])
+
+
+@triton.jit
+def _load_box(desc, t0, t1, t2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BD: tl.constexpr):
+    """Box tile (t0, t1, t2) of a ``_group_desc`` descriptor as [T0 T1 T2, BD] rows."""
+    return tl.reshape(desc.load([t0 * T0, t1 * T1, t2 * T2, 0]), [T0 * T1 * T2, BD])
+
+
+@triton.jit
 def _next_tile(t0, t1, t2, lo1, lo2, cnt1, cnt2):
     """The tile after (t0, t1, t2) in a walk over a box of tiles (row-major, from (., lo1, lo2),
     cnt1 x cnt2 per plane): carried from step to step instead of divided out of a flat counter."""
@@ -148,9 +167,12 @@ def _na_q_kernel(
     D: tl.constexpr, BD: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-    BWD: tl.constexpr, PREC: tl.constexpr,
+    BWD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) for one query tile."""
+    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) for one query tile. TMA: K/V
+    tiles through tensor descriptors (sm_90's TMA; a plain load elsewhere): the dilation group's
+    keys of this batch and KV head as one strided [ng0, ng1, ng2, D] tensor, a KV tile one box of
+    it, so no row offsets live in registers; out-of-range rows read 0 as on the pointer path."""
     BM: tl.constexpr = TQ0 * TQ1 * TQ2
     pid_t = tl.program_id(0)
     gidx = tl.program_id(1)
@@ -190,27 +212,35 @@ def _na_q_kernel(
     kl0, kl1, kl2, k_rel = _box_layout(TK0, TK1, TK2, d0, d1, d2, n1, n2)
     k_rel = k_rel * (Hkv * D)  # element offsets of a KV tile's rows from its first row
     kv_bh = (b.to(tl.int64) * ntok * Hkv + hk) * D
+    if TMA:
+        group0 = kv_bh + ((g0 * n1 + g1) * n2 + g2).to(tl.int64) * (Hkv * D)
+        k_desc = _group_desc(K, group0, Hkv, ng0, ng1, ng2, d0, d1, d2, n1, n2, D, TK0, TK1, TK2, BD)
+        v_desc = _group_desc(V, group0, Hkv, ng0, ng1, ng2, d0, d1, d2, n1, n2, D, TK0, TK1, TK2, BD)
     kt0 = lo0
     kt1 = lo1
     kt2 = lo2
     for _ in range(0, cnt0 * cnt1 * cnt2):
-        first, k_ok = _box_at(kt0, kt1, kt2, TK0, TK1, TK2, kl0, kl1, kl2, ng0, ng1, ng2, g0, g1, g2,
-                              d0, d1, d2, n1, n2)
-        k_off = kv_bh + first.to(tl.int64) * (Hkv * D)
-        kt = load_rows(K + k_off, k_rel, k_ok, offs_d, d_ok)
-        vt = load_rows(V + k_off, k_rel, k_ok, offs_d, d_ok)
+        if TMA:
+            kt = _load_box(k_desc, kt0, kt1, kt2, TK0, TK1, TK2, BD)
+            vt = _load_box(v_desc, kt0, kt1, kt2, TK0, TK1, TK2, BD)
+        else:
+            first, k_ok = _box_at(kt0, kt1, kt2, TK0, TK1, TK2, kl0, kl1, kl2, ng0, ng1, ng2, g0, g1, g2,
+                                  d0, d1, d2, n1, n2)
+            k_off = kv_bh + first.to(tl.int64) * (Hkv * D)
+            kt = load_rows(K + k_off, k_rel, k_ok, offs_d, d_ok)
+            vt = load_rows(V + k_off, k_rel, k_ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
         # element mask only on tiles not inside the sequence and every query's window
         full = ((ls0 <= kt0 * TK0) & (kt0 * TK0 + TK0 <= tl.minimum(e0, ng0))
                 & (ls1 <= kt1 * TK1) & (kt1 * TK1 + TK1 <= tl.minimum(e1, ng1))
                 & (ls2 <= kt2 * TK2) & (kt2 * TK2 + TK2 <= tl.minimum(e2, ng2)))
-        if not full:
+        if not full:  # (windows lie inside the group: a key inside one is a real key)
             kc0 = kt0 * TK0 + kl0
             kc1 = kt1 * TK1 + kl1
             kc2 = kt2 * TK2 + kl2
             mask = ((kc0[None, :] >= st0[:, None]) & (kc0[None, :] < en0[:, None])
                     & (kc1[None, :] >= st1[:, None]) & (kc1[None, :] < en1[:, None])
-                    & (kc2[None, :] >= st2[:, None]) & (kc2[None, :] < en2[:, None]) & k_ok[None, :])
+                    & (kc2[None, :] >= st2[:, None]) & (kc2[None, :] < en2[:, None]))
             sc = tl.where(mask, sc, float("-inf"))
         acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
         kt0, kt1, kt2 = _next_tile(kt0, kt1, kt2, lo1, lo2, cnt1, cnt2)
@@ -227,7 +257,9 @@ def _na_kv_kernel(
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dK, dV of one KV tile (of one KV head), over the query tiles and query heads that use it."""
+    """dK, dV of one KV tile (of one KV head), over the query tiles and query heads that use it.
+    (No TMA variant: with its unpipelined loop, loading q and dO through descriptors made the step
+    longer in the static count, 471 -> 504 instructions at 1-D 32x32.)"""
     BN: tl.constexpr = TK0 * TK1 * TK2
     pid_t = tl.program_id(0)
     gidx = tl.program_id(1)
@@ -315,6 +347,15 @@ def _tile_kw(cfg):
     return {f"T{p}{i}": cfg.kw[f"T{p}{i}"] for p in "QK" for i in range(3)}
 
 
+def _tma(cfg) -> bool:
+    """Whether a config loads its tiles through TMA descriptors (then the launch needs Triton's
+    scratch allocator for them)."""
+    tma = bool(cfg.kw.get("TMA", 0))
+    if tma:
+        descriptor_scratch()
+    return tma
+
+
 def _grid(geom, cfg, prefix, rows):
     """(tiles of the longest dilation group, dilation groups, rows) and the tiles per dim."""
     n, _, _, d, _ = geom
@@ -332,7 +373,7 @@ def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
     grid, nt = _grid(geom, cfg, "TQ", B * H)
     return _na_q_kernel[grid](
         q, k, v, o, lse, do, delta, dq, *_geom_args(geom), H, H // k.shape[-2], nt[1], nt[2], scale * LOG2E,
-        scale, D=D, BD=pow2(D), **_tile_kw(cfg), BWD=bwd, PREC=precision(q.dtype),
+        scale, D=D, BD=pow2(D), **_tile_kw(cfg), BWD=bwd, PREC=precision(q.dtype), TMA=_tma(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -390,7 +431,8 @@ def compile_specs(dtype: str, K: int, V: int):
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, **ints, qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.NEIGHBORHOOD_FWD, False), (spaces.NEIGHBORHOOD_BWD_DQ, True)):
         yield (tuner, _na_q_kernel, q_sig,
-               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, **_tile_kw(c)), buckets)
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, TMA=bool(c.kw.get("TMA", 0)),
+                                       **_tile_kw(c)), buckets)
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
                   scale="fp32")
     yield (spaces.NEIGHBORHOOD_BWD_DKDV, _na_kv_kernel, kv_sig,
