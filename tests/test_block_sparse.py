@@ -38,3 +38,25 @@ def test_no_grad_output_equals_grad_output(dtype):
     o1 = subquad.hip_attention(q.requires_grad_(), k, v, topk=4, block_size_q=8, window=6, sink_tokens=2,
                                backend="triton")
     assert o1.grad_fn is not None and torch.equal(o0, o1.detach())
+
+
+def test_descriptor_scratch_installs_an_allocator_once():
+    """TMA configs build descriptors on the device, which needs Triton's scratch allocator: the
+    launcher installs one on torch's caching allocator, and leaves a caller's own in place."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from subquad.kernels import common
+
+    def run():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        common.descriptor_scratch()
+        assert _allocation._allocator.get() is common._scratch
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        common.descriptor_scratch()
+        assert _allocation._allocator.get() is mine
+
+    contextvars.copy_context().run(run)  # the allocator is a context variable: nothing leaks
