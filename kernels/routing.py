@@ -133,7 +133,8 @@ def _route_q_kernel(
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
         if PADDED:
             sc = tl.where(k_ok[None, :], sc, float("-inf"))
-        else:  # the same test from the position alone: no copy of the walk's carries in the scores' layout
+        elif p0 + BN > total:  # only the walk's last tile, tested on the position alone (testing the
+            # carried values would recompute the walk's carries in the scores' register layout)
             sc = tl.where((p0 + tl.arange(0, BN) < total)[None, :], sc, float("-inf"))
         acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
         a, lr, lc = _walk_next(a, lr, lc, BN, R1, R2, RT)
