@@ -7,8 +7,8 @@ a real token when inside (n1, n2). Tokens are read where they lie (row offsets c
 int64), never copied into a region-major or gathered layout. A walk step divides nothing: a
 region's corner token (and, for a padded layout, its real rows and columns) comes from a small
 per-geometry table (``region_table``), and the positions of the next tile follow from the last
-by carries (``_walk_next``); the divisions by the region sizes happen once per program. This
-halved the instructions of a step at BiFormer's head dim 32, where the index arithmetic
+by carries (``_walk_next``); the divisions by the region sizes happen once per program. This cut
+a step's instructions by 9-61% at BiFormer's head dim 32, where the index arithmetic had
 outweighed the softmax (static SASS counts, sm_90: bench/README.md).
 
 Walks (``idx`` = the routing ``[B, HR, R, topk]``, HR = 1 shared / H per head):
