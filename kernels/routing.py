@@ -94,6 +94,15 @@ def _region_rows(TAB, reg, lr, lc, ok, n2, PADDED: tl.constexpr):
 
 
 @triton.jit
+def _region_tile(TAB, reg, t, BT: tl.constexpr, R2, RT, n2, PADDED: tl.constexpr):
+    """Flat tokens and validity of tile t (BT consecutive slots) of region ``reg``: the program's
+    own tile, divided once."""
+    l = t * BT + tl.arange(0, BT)
+    lr, lc = _split_slots(l, R2)
+    return _region_rows(TAB, reg + 0 * l, lr, lc, l < RT, n2, PADDED)  # reg broadcast to the slots
+
+
+@triton.jit
 def _route_q_kernel(
     Q, K, V, O, LSE, DO, DELTA, DQ, IDX, TAB,
     ntok, n2, R1, R2, RT, H, TOPK, idx_sb, idx_sh, nqt, qk_scale, scale,
@@ -111,9 +120,7 @@ def _route_q_kernel(
     d_ok = offs_d < D
     bh = b.to(tl.int64) * ntok * H + h  # lse row of token 0 of this (batch, head); x D: its q/k/v row
 
-    l = t * BM + tl.arange(0, BM)
-    lr, lc = _split_slots(l, R2)
-    tok, q_ok = _region_rows(TAB, reg + 0 * l, lr, lc, l < RT, n2, PADDED)
+    tok, q_ok = _region_tile(TAB, reg, t, BM, R2, RT, n2, PADDED)
     stat_rows = bh + tok.to(tl.int64) * H
     q_rows = stat_rows * D
     # a query that saw no key (every routed region padding) has lse = -inf: q_walk_init gives it P = 0
@@ -159,9 +166,7 @@ def _route_kv_kernel(
     d_ok = offs_d < D
     bh = b.to(tl.int64) * ntok * H + h
 
-    l = t * BN + tl.arange(0, BN)
-    klr, klc = _split_slots(l, R2)
-    ktok, k_ok = _region_rows(TAB, kreg + 0 * l, klr, klc, l < RT, n2, PADDED)
+    ktok, k_ok = _region_tile(TAB, kreg, t, BN, R2, RT, n2, PADDED)
     k_rows = (bh + ktok.to(tl.int64) * H) * D
     k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
     v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
@@ -255,12 +260,7 @@ def region_table(g: _ref.RegionGeometry, device: torch.device) -> torch.Tensor:
     and columns are real (fewer at a padded edge). The walks read a region's tokens from it instead
     of dividing region ids per position. Cached per geometry and device: no copy per call (and a
     call inside a CUDA graph capture, after the first, makes none)."""
-    rows = []
-    for r in range(g.R):
-        s1, s2 = divmod(r, g.S2)
-        rows.append([s1 * g.r1 * g.n2 + s2 * g.r2, max(0, min(g.r1, g.n1 - s1 * g.r1)),
-                     max(0, min(g.r2, g.n2 - s2 * g.r2))])
-    return torch.tensor(rows, dtype=torch.int32, device=device)
+    return torch.tensor(_ref.region_extents(g), dtype=torch.int32, device=device)
 
 
 def _geom_args(g: _ref.RegionGeometry, device):

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
 __all__ = [
-    "RegionGeometry", "region_geometry", "region_tokens", "region_means", "route", "route_naive",
+    "RegionGeometry", "region_geometry", "region_tokens", "region_extents", "region_means", "route", "route_naive",
     "routing_mask", "bilevel_routing_attention_naive", "bilevel_routing_attention", "gather_attention",
     "to_regions", "from_regions",
 ]
@@ -118,14 +118,23 @@ def from_regions(x: Tensor, g: RegionGeometry) -> Tensor:
     return x.reshape(B, g.N, H, D)
 
 
+def region_extents(g: RegionGeometry) -> List[Tuple[int, int, int]]:
+    """Per region (row-major), in closed form: the flat token of its box's corner, and how many of
+    its box rows and columns are real (fewer at a padded edge, 0 for a region of padding only)."""
+    out = []
+    for r in range(g.R):
+        s1, s2 = divmod(r, g.S2)
+        out.append((s1 * g.r1 * g.n2 + s2 * g.r2, max(0, min(g.r1, g.n1 - s1 * g.r1)),
+                    max(0, min(g.r2, g.n2 - s2 * g.r2))))
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _region_counts(g: RegionGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Real tokens per region (row-major, at least 1), in closed form: rows inside n1 times columns
-    inside n2. Cached per geometry and device: no host-to-device copy per call (a call inside a
-    CUDA graph capture could not make one)."""
-    rows = [max(0, min(g.r1, g.n1 - s * g.r1)) for s in range(g.S1)]
-    cols = [max(0, min(g.r2, g.n2 - s * g.r2)) for s in range(g.S2)]
-    return torch.tensor([max(1, a * b) for a in rows for b in cols], dtype=dtype, device=device)
+    """Real tokens per region (row-major, at least 1): real rows times real columns. Cached per
+    geometry and device: no host-to-device copy per call (a call inside a CUDA graph capture
+    could not make one)."""
+    return torch.tensor([max(1, rows * cols) for _, rows, cols in region_extents(g)], dtype=dtype, device=device)
 
 
 def region_means(x: Tensor, g: RegionGeometry) -> Tensor:
