@@ -55,8 +55,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from .tuner import Config, interpreting
 
 __all__ = [
-    "FAMILIES", "ARCHS", "SMEM_LIMIT", "Job", "parse_resource_usage", "count_tensor_core_ops",
-    "tensor_core_dots", "collect_jobs", "compile_job", "run_jobs", "format_table", "main",
+    "FAMILIES", "ARCHS", "SMEM_LIMIT", "Job", "parse_resource_usage", "sass_instructions", "count_tensor_core_ops",
+    "sass_loops", "tensor_core_dots", "collect_jobs", "compile_job", "run_jobs", "format_table", "main",
 ]
 
 # Kernel families whose modules subquad.kernels.<name> may define compile_specs(dtype, K, V).
@@ -72,7 +72,8 @@ TC_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA")
 
 _RES_FUNC_RE = re.compile(r"^\s*Function\s+([^\s:]+)\s*:\s*$")
 _RES_KV_RE = re.compile(r"([A-Z]+(?:\[\d+\])?):(\d+)")
-_SASS_OP_RE = re.compile(r"^\s*/\*[0-9a-fA-F]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+# one SASS instruction: /*address*/ [predicate] OPCODE[.modifiers] operands ;
+_SASS_LINE_RE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 _DOT_RE = re.compile(r"\btt\.dot\b(?P<rest>.*?):\s*tensor<(?P<shape>[^>]*)>")
 
 
@@ -105,31 +106,37 @@ def parse_resource_usage(text: str) -> Dict[str, Dict[str, int]]:
     return out
 
 
+def sass_instructions(sass: str) -> List[Tuple[int, str, str]]:
+    """``cuobjdump --dump-sass`` text -> (address, opcode, operands) per instruction (predicated or
+    not; comments and encodings ignored)."""
+    out = []
+    for line in sass.splitlines():
+        m = _SASS_LINE_RE.match(line)
+        if m is not None:
+            out.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
 def count_tensor_core_ops(sass: str) -> Dict[str, int]:
     """Counts of tensor-core opcodes (predicated or not) in ``cuobjdump --dump-sass`` text."""
     counts = {op: 0 for op in TC_OPCODES}
-    for line in sass.splitlines():
-        m = _SASS_OP_RE.match(line)
-        if m is not None and m.group(1) in counts:
-            counts[m.group(1)] += 1
+    for _, op, _ in sass_instructions(sass):
+        if op in counts:
+            counts[op] += 1
     return counts
 
 
-_SASS_LINE_RE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 _SPILL_OPS = ("STL", "LDL")
 
 
 def sass_loops(sass: str) -> Dict[str, int]:
     """Loop structure of one kernel's ``cuobjdump --dump-sass`` text: ``loop_ops``, the instructions
     of the innermost loop holding tensor-core ops (the shortest backward branch's range around
-    one: the main loop of a walk, so its per-step cost; 0 when there is none), and ``loop_spills``, the spill accesses
-    (STL / LDL) inside any loop. A spill outside loops (a value parked across the main loop) costs
-    a few instructions per program; one inside costs them every step."""
-    ins = []  # (address, opcode, operands)
-    for line in sass.splitlines():
-        m = _SASS_LINE_RE.match(line)
-        if m is not None:
-            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    one: the main loop of a walk, so its per-step cost; 0 when there is none), and
+    ``loop_spills``, the spill accesses (STL / LDL) inside any loop. A spill outside loops (a value
+    parked across the main loop) costs a few instructions per program; one inside costs them
+    every step."""
+    ins = sass_instructions(sass)
     at = {a: i for i, (a, _, _) in enumerate(ins)}
     loops = []
     for i, (a, op, args) in enumerate(ins):

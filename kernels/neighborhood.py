@@ -348,12 +348,8 @@ def _tile_kw(cfg):
 
 
 def _tma(cfg) -> bool:
-    """Whether a config loads its tiles through TMA descriptors (then the launch needs Triton's
-    scratch allocator for them)."""
-    tma = bool(cfg.kw.get("TMA", 0))
-    if tma:
-        descriptor_scratch()
-    return tma
+    """Whether a config loads its K/V tiles through TMA descriptors."""
+    return bool(cfg.kw.get("TMA", 0))
 
 
 def _grid(geom, cfg, prefix, rows):
@@ -371,6 +367,8 @@ def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
     """The forward (bwd=False: writes o, lse) or dQ (bwd=True: writes dq) launch of ``_na_q_kernel``."""
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     grid, nt = _grid(geom, cfg, "TQ", B * H)
+    if _tma(cfg):
+        descriptor_scratch()  # on-device descriptors need Triton's scratch allocator
     return _na_q_kernel[grid](
         q, k, v, o, lse, do, delta, dq, *_geom_args(geom), H, H // k.shape[-2], nt[1], nt[2], scale * LOG2E,
         scale, D=D, BD=pow2(D), **_tile_kw(cfg), BWD=bwd, PREC=precision(q.dtype), TMA=_tma(cfg),
@@ -431,7 +429,7 @@ def compile_specs(dtype: str, K: int, V: int):
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, **ints, qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.NEIGHBORHOOD_FWD, False), (spaces.NEIGHBORHOOD_BWD_DQ, True)):
         yield (tuner, _na_q_kernel, q_sig,
-               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, TMA=bool(c.kw.get("TMA", 0)),
+               lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, TMA=_tma(c),
                                        **_tile_kw(c)), buckets)
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
                   scale="fp32")
