@@ -4,8 +4,11 @@
 
 Prints, per call, the wall time and the host time of issuing it (the GPU runs asynchronously):
 when the two are close, the case is bound by Python and launch overhead, not by the kernels.
-Then torch.profiler tables (GPU time per kernel, CPU time per op). The output of one run is kept
-in bench/results/<gpu>/profile-*.log."""
+For routing, the host time is also cut into its parts, each timed alone without the profiler (whose
+own overhead inflates small ops several times over): one torch op and one bare Triton launch on
+this host, the routing ops, the forward and backward launchers called directly, and what autograd
+adds. Then torch.profiler tables (GPU time per kernel, CPU time per op). The output of one run is
+kept in bench/results/<gpu>/profile-*.log."""
 
 import sys
 import time
@@ -14,6 +17,9 @@ import torch
 
 if not torch.cuda.is_available():
     sys.exit("bench/profile_host.py measures CUDA launches: it needs a GPU")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import subquad  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -37,6 +43,41 @@ def report(name, fn, n=30):
     print(f"{name} wall {wall / n * 1e3:.3f} ms, host {host / n * 1e3:.3f} ms")
 
 
+@triton.jit
+def _nop_kernel(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, f0, f1, N: tl.constexpr):
+    """Does nothing (one store): its launch cost is Triton's dispatch with routing's argument count."""
+    tl.store(X + tl.program_id(0), a0 + a13)
+
+
+def launch_costs():
+    """Host time of one small torch op and of one bare Triton launch with a tensor, 14 ints and 2
+    floats (about the routing kernels' scalar arguments) on this machine."""
+    x = torch.zeros(64, device="cuda")
+    report("one torch op (x.add_(1))", lambda: x.add_(1), n=200)
+    ints = list(range(3, 17))
+    report("one Triton launch (17 args)", lambda: _nop_kernel[(1,)](x, *ints, 0.5, 0.25, N=4), n=200)
+
+
+def routing_parts(q, k, v, do, S, topk):
+    """Host time of each part of a routing fwd+bwd, called directly (no autograd unless said)."""
+    B, n, _, H, D = q.shape
+    g = R.region_geometry((n, n), (S, S))
+    q3, k3, v3 = (x.detach().reshape(B, n * n, H, D) for x in (q, k, v))
+    scale = D ** -0.5
+    report("  part: route (region means, affinity, top-k)", lambda: R.route(q3, k3, g, topk))
+    idx = R.route(q3, k3, g, topk).to(torch.int32)[:, None].contiguous()
+    report("  part: route + idx to int32", lambda: R.route(q3, k3, g, topk).to(torch.int32))
+    o, lse = K.route_fwd(q3, k3, v3, idx, g, scale)
+    report("  part: route_fwd launcher (o, lse buffers + 1 launch)", lambda: K.route_fwd(q3, k3, v3, idx, g, scale))
+    report("  part: inverse_routing (1 launch)", lambda: K.inverse_routing(idx, g.R))
+    do3 = do.reshape(o.shape)
+    report("  part: route_bwd launcher (buffers + 3 launches)",
+           lambda: K.route_bwd(q3, k3, v3, o, lse, do3, idx, g, scale))
+    with torch.no_grad():
+        report("  whole forward, no autograd", lambda: subquad.bilevel_routing_attention(q, k, v, num_regions=S,
+                                                                                        topk=topk))
+
+
 def tables(fn, rows=18):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(5):
@@ -47,11 +88,10 @@ def tables(fn, rows=18):
 
 
 def main():
+    launch_costs()
     for name, (B, n, H, S, topk) in ROUTING_CASES.items():
         q, k, v, do = (torch.randn(B, n, n, H, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(4))
-        g = R.region_geometry((n, n), (S, S))
-        q3 = q.detach().reshape(B, n * n, H, 32)
 
         def fwd():
             return subquad.bilevel_routing_attention(q, k, v, num_regions=S, topk=topk)
@@ -61,11 +101,9 @@ def main():
                 x.grad = None
             fwd().backward(do)
 
-        report(f"{name} route", lambda: R.route(q3, q3, g, topk))
         report(f"{name} fwd", fwd)
         report(f"{name} fwd+bwd", fwd_bwd)
-        idx = R.route(q3, q3, g, topk).to(torch.int32)[:, None].contiguous()
-        report(f"{name} inverse_routing", lambda: K.inverse_routing(idx, g.R))
+        routing_parts(q, k, v, do, S, topk)
         tables(fwd_bwd)
 
     q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)

@@ -21,7 +21,12 @@ GPU (when CUDA is available), the issue's cases (B, spatial, heads, head dim, re
   then the routed regions' K/V gathered into a ``[B, H, R, topk r1 r2, D]`` copy, batched
   matmuls, autograd (the gather's backward is a scatter-add);
 * ``sdpa``: ``scaled_dot_product_attention`` full attention over all N tokens (torch's backend
-  choice), on a ``[B, H, N, D]`` copy made outside the timing.
+  choice), on a ``[B, H, N, D]`` copy made outside the timing;
+* ``subquad+graph``, ``gather+graph``: the same calls (forward, or forward and backward) captured
+  once in a CUDA graph and replayed: no host time (Python, launches, autograd) per call, as in a
+  training step captured whole (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``).
+  BiFormer's small stages are bound by host time when run eagerly (bench/README.md); these rows
+  say what the GPU work costs. Their peak memory is not measured (the graph's pool is held).
 
 Targets (issue 5, on an H100/H200): forward+backward at least 3x faster and peak memory at most
 1/4 of the gather implementation on every case.
@@ -68,8 +73,10 @@ QUICK_CASES = ["s1-56x56", "s3-14x14", "600x500"]
 GPU_DTYPES = [torch.bfloat16, torch.float32]
 GPU_DTYPES_QUICK = [torch.bfloat16]
 MODES = ("fwd", "fwdbwd")
-IMPLS = ["subquad", "gather", "sdpa"]
-LABELS = {"subquad": "subquad (Triton)", "gather": "gather (BiFormer's approach)", "sdpa": "SDPA full attention"}
+IMPLS = ["subquad", "gather", "sdpa", "subquad+graph", "gather+graph"]
+LABELS = {"subquad": "subquad (Triton)", "gather": "gather (BiFormer's approach)", "sdpa": "SDPA full attention",
+          "subquad+graph": "subquad, CUDA graph", "gather+graph": "gather, CUDA graph"}
+GRAPH = "+graph"  # the implementation's whole call captured once in a CUDA graph and replayed
 
 CPU_CASES = [
     dict(name="cpu-28x28", B=1, shape=(28, 28), H=2, D=32, S=7, topk=4),
@@ -118,10 +125,21 @@ def make_inputs(case: dict, dtype, device, seed: int = 0):
 
 
 def make_case(impl: str, mode: str, case: dict, dtype, device, requires_grad: bool = True, seed: int = 0):
-    """(fn, leaves) for one measurement (see ``common.timed_call``)."""
-    layout, attn = attention_fn(impl, case)
+    """(fn, leaves) for one measurement (see ``common.timed_call``); an impl ending in "+graph" is
+    captured in a CUDA graph (warm-up calls first: they compile and tune) and fn is the replay."""
+    graph = impl.endswith(GRAPH)
+    layout, attn = attention_fn(impl[:-len(GRAPH)] if graph else impl, case)
     q, k, v, do = (common.to_layout(x, layout) for x in make_inputs(case, dtype, device, seed))
-    return common.timed_call(attn, q, k, v, do, mode, requires_grad)
+    fn, leaves = common.timed_call(attn, q, k, v, do, mode, requires_grad)
+    if not graph:
+        return fn, leaves
+
+    def step():  # the captured call writes fresh .grad tensors of the graph's pool, replays rewrite them
+        for x in leaves:
+            x.grad = None
+        fn()
+
+    return common.cuda_graph(step), []
 
 
 def routed_pairs(case: dict) -> int:
@@ -236,9 +254,12 @@ def _bar_plot(path: str, title: str, labels: List[str], series: Dict[str, List[O
 
 
 def measure_gpu(impl: str, case: dict, dtype, modes: Sequence[str], deadline: common.Deadline) -> dict:
-    return common.measure_modes(f"{impl} {case['name']} {_dt(dtype)}", modes, deadline,
-                                lambda mode: make_case(impl, mode, case, dtype, GPU_DEVICE),
-                                lambda mode: flops(impl, mode, case))
+    res = common.measure_modes(f"{impl} {case['name']} {_dt(dtype)}", modes, deadline,
+                               lambda mode: make_case(impl, mode, case, dtype, GPU_DEVICE),
+                               lambda mode: flops(impl.replace(GRAPH, ""), mode, case))
+    if impl.endswith(GRAPH):  # a replay allocates nothing: its peak would read ~0
+        res.update({f"{mode}_peak_mib": None for mode in modes})
+    return res
 
 
 def summarize_gpu(payload: dict) -> dict:
@@ -246,7 +267,7 @@ def summarize_gpu(payload: dict) -> dict:
     per_case = []
     for cn in payload["config"]["cases"]:
         for dt in payload["config"]["dtypes"]:
-            ours, gat, sd = (by.get((cn, dt, i), {}) for i in IMPLS)
+            ours, gat, sd, ours_g, gat_g = (by.get((cn, dt, i), {}) for i in IMPLS)
             if not ours:
                 continue
             per_case.append({
@@ -257,18 +278,22 @@ def summarize_gpu(payload: dict) -> dict:
                 "fwdbwd_vs_sdpa": ratio(sd.get("fwdbwd_ms"), ours.get("fwdbwd_ms")),
                 "fwd_mem_over_gather": ratio(ours.get("fwd_peak_mib"), gat.get("fwd_peak_mib")),
                 "fwdbwd_mem_over_gather": ratio(ours.get("fwdbwd_peak_mib"), gat.get("fwdbwd_peak_mib")),
+                "fwd_vs_gather_graph": ratio(gat_g.get("fwd_ms"), ours_g.get("fwd_ms")),
+                "fwdbwd_vs_gather_graph": ratio(gat_g.get("fwdbwd_ms"), ours_g.get("fwdbwd_ms")),
             })
     speed = [p["fwdbwd_vs_gather"] for p in per_case if p["fwdbwd_vs_gather"] is not None]
     mem = [p["fwdbwd_mem_over_gather"] for p in per_case if p["fwdbwd_mem_over_gather"] is not None]
+    graphed = [p["fwdbwd_vs_gather_graph"] for p in per_case if p["fwdbwd_vs_gather_graph"] is not None]
     worst_speed = min(speed) if speed else None
     worst_mem = max(mem) if mem else None
+    worst_graphed = min(graphed) if graphed else None
     targets = [
         common.target_line("fwd+bwd >= 3x faster than the gather implementation on every case (worst x)",
                            worst_speed, None if worst_speed is None else worst_speed >= 3.0),
         common.target_line("fwd+bwd peak memory <= 1/4 of the gather implementation on every case (worst ratio)",
                            worst_mem, None if worst_mem is None else worst_mem <= 0.25),
     ]
-    return {"per_case": per_case, "targets": targets}
+    return {"per_case": per_case, "targets": targets, "worst_fwdbwd_vs_gather_graph": worst_graphed}
 
 
 def gpu_markdown(payload: dict) -> str:
@@ -287,14 +312,18 @@ def gpu_markdown(payload: dict) -> str:
                       fmt(r.get("fwdbwd_peak_mib"), ".0f"), r.get("note", "")])
     out.append(common.markdown_table(["case", "dtype", "impl", "fwd ms", "fwd+bwd ms", "fwd TFLOP/s",
                                       "fwd+bwd TFLOP/s", "peak fwd MiB", "peak fwd+bwd MiB", "note"], table))
-    out += ["", "subquad vs the others (speed: other's time / subquad's; memory: subquad's peak / gather's):", ""]
+    out += ["", "subquad vs the others (speed: other's time / subquad's, eager unless marked graph; memory: "
+            "subquad's peak / gather's):", ""]
     out.append(common.markdown_table(
         ["case", "dtype", "fwd vs gather", "fwd+bwd vs gather", "fwd vs SDPA", "fwd+bwd vs SDPA",
-         "peak fwd / gather", "peak fwd+bwd / gather"],
+         "peak fwd / gather", "peak fwd+bwd / gather", "graph: fwd vs gather", "graph: fwd+bwd vs gather"],
         [[p["case"], p["dtype"], fmt(p["fwd_vs_gather"], ".2f"), fmt(p["fwdbwd_vs_gather"], ".2f"),
           fmt(p["fwd_vs_sdpa"], ".2f"), fmt(p["fwdbwd_vs_sdpa"], ".2f"), fmt(p["fwd_mem_over_gather"], ".3f"),
-          fmt(p["fwdbwd_mem_over_gather"], ".3f")] for p in s["per_case"]]))
+          fmt(p["fwdbwd_mem_over_gather"], ".3f"), fmt(p.get("fwd_vs_gather_graph"), ".2f"),
+          fmt(p.get("fwdbwd_vs_gather_graph"), ".2f")] for p in s["per_case"]]))
     out += ["", "Targets:", ""] + [f"- {t['text']}" for t in s["targets"]]
+    out += ["", "Both replayed from CUDA graphs (GPU time alone; not how the target is measured): fwd+bwd vs "
+            f"gather, worst x: {fmt(s.get('worst_fwdbwd_vs_gather_graph'), '.2f')}"]
     del cfg
     return "\n".join(out)
 

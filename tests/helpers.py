@@ -41,18 +41,21 @@ def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False, seed=None
 
 
 def replay_in_cuda_graph(fn):
-    """(eager output, output of a replay): ``fn()`` run once eagerly on a side stream (compiles and
-    tunes), then captured in a CUDA graph; the captured output is poisoned with NaN before the
-    replay, so the replay must rewrite it. Serving engines run decoding steps this way."""
+    """(eager output, output of a replay): ``fn()`` (a tensor or a tuple of tensors) run once eagerly
+    on a side stream (compiles and tunes), then captured in a CUDA graph; the captured outputs are
+    poisoned with NaN before the replay, so the replay must rewrite them. Serving engines run
+    decoding steps this way, training loops captured whole run forward and backward this way."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        eager = fn().clone()
+        eager = fn()
+        eager = tuple(x.clone() for x in eager) if isinstance(eager, tuple) else eager.clone()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
-    out.fill_(float("nan"))
+    for x in out if isinstance(out, tuple) else (out,):
+        x.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
     return eager, out
