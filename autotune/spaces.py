@@ -302,8 +302,14 @@ ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
 ], lambda c, b: _rt_valid(c, b, "BN", 2))
 # the inverse routing of the backward (a prefix-sum compaction, no dots; no tuning)
 ROUTING_INVERSE = Tuner("routing_inverse", [_c(4, 1)])
+# routing itself: region means (a reduction) and affinity + top-k (tiny dots, a selection loop)
+ROUTING_POOL = Tuner("routing_pool", [_c(4, 1)])
+# bucket = (the affinity block's width, pow2 of the region count): 8 warps past 64 (at 256, 4 warps
+# hold 254 registers a thread)
+ROUTING_SELECT = Tuner("routing_select", [_c(4, 1, BKMAX=64), _c(8, 1, BKMAX=256)],
+                       lambda c, b: b[0] <= c.kw["BKMAX"])
 ROUTING = [ROUTING_FWD, ROUTING_BWD_DQ, ROUTING_BWD_DKDV]
-ALL = ALL + ROUTING + [ROUTING_INVERSE]
+ALL = ALL + ROUTING + [ROUTING_INVERSE, ROUTING_POOL, ROUTING_SELECT]
 
 
 # HiP mask estimation (kernels/hip.py, hip_select_blocks); bucket = (dtype name, head dim, KBP, BK, NQS, decoding):

@@ -16,7 +16,7 @@ GPU (when CUDA is available), the issue's cases (B, spatial, heads, head dim, re
 (--quick: s1, s3 and 600x500, bf16 only). bf16 and fp32; forward and forward+backward: median ms
 (``triton.testing.do_bench``) and peak memory above the inputs, for
 
-* ``subquad``: ``subquad.bilevel_routing_attention`` (routing by torch ops + the Triton kernels);
+* ``subquad``: ``subquad.bilevel_routing_attention`` (routing and attention by the Triton kernels);
 * ``gather``: BiFormer's approach, ``subquad.reference.routing.gather_attention``: the same routing,
   then the routed regions' K/V gathered into a ``[B, H, R, topk r1 r2, D]`` copy, batched
   matmuls, autograd (the gather's backward is a scatter-add);

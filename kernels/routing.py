@@ -11,6 +11,15 @@ by carries (``_walk_next``); the divisions by the region sizes happen once per p
 a step's instructions by 9-61% at BiFormer's head dim 32, where the index arithmetic had
 outweighed the softmax (static SASS counts, sm_90: bench/README.md).
 
+Routing (``route_regions``, steps 2-3 of the reference) in two launches where the reference's
+torch ops take seven (BiFormer's small stages pay routing in host time per op): ``_pool_kernel``,
+one program per (region, 64 channels, batch), sums its region's real tokens of q and k (reads q
+and k once: 2 B N H D itemsize bytes) into fp32 means; ``_select_kernel``, one program per (16
+query regions, batch x routing head), computes their affinities to all R key regions (fp32 dots:
+2 B H D R^2 FLOPs in all) and picks the topk largest by topk rounds of a row max, ties to the
+lower index, as the reference's stable sort does. The sums run in another order than torch's, so
+a near tie can resolve the other way (the tests compare the chosen affinities in float64).
+
 Walks (``idx`` = the routing ``[B, HR, R, topk]``, HR = 1 shared / H per head):
 * forward / dQ (``_route_q_kernel``): one program per (query tile, batch x head); a query tile is
   BM consecutive slots of one region (the whole region when it is small). It walks the packed KV
@@ -47,7 +56,7 @@ from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv
                            q_walk_step, q_walk_store)
 from .common import empty, pow2
 
-__all__ = ["routing_attention", "inverse_routing", "route_fwd", "route_bwd",
+__all__ = ["routing_attention", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
 
 
@@ -222,6 +231,61 @@ def _inverse_kernel(IDX, CNT, INV, R, TOPK, BR: tl.constexpr, BT: tl.constexpr):
     tl.store(CNT + key, cnt)
 
 
+@triton.jit
+def _pool_kernel(Q, K, MEANS, TAB, ntok, n2, R2, RT, HD, BT: tl.constexpr, BC: tl.constexpr,
+                 PADDED: tl.constexpr):
+    """Region means of q and k (step 2) for one region, one block of BC of the H D channels, one
+    batch: ``MEANS[b, r, 0 | 1, c]`` fp32, over the region's real tokens (0 for a region without)."""
+    reg = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    b = tl.program_id(2)
+    c_ok = c < HD
+    base = b.to(tl.int64) * ntok * HD
+    sq = tl.zeros([BC], dtype=tl.float32)
+    sk = tl.zeros([BC], dtype=tl.float32)
+    for t in range(0, tl.cdiv(RT, BT)):
+        tok, ok = _region_tile(TAB, reg, t, BT, R2, RT, n2, PADDED)
+        off = base + tok.to(tl.int64)[:, None] * HD + c[None, :]
+        m = ok[:, None] & c_ok[None, :]
+        sq += tl.sum(tl.load(Q + off, mask=m, other=0.0).to(tl.float32), axis=0)
+        sk += tl.sum(tl.load(K + off, mask=m, other=0.0).to(tl.float32), axis=0)
+    cnt = tl.maximum(tl.load(TAB + reg * 3 + 1) * tl.load(TAB + reg * 3 + 2), 1).to(tl.float32)
+    out = MEANS + (b.to(tl.int64) * tl.num_programs(0) + reg) * (2 * HD) + c
+    tl.store(out, sq / cnt, mask=c_ok)
+    tl.store(out + HD, sk / cnt, mask=c_ok)
+
+
+@triton.jit
+def _select_kernel(MEANS, IDX, R, HD, CH, HR, TOPK, BQ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Routing (step 3) of BQ query regions of one (batch, routing head): the affinity to every key
+    region over the routing head's CH channels (all H D when shared: the sum over heads is one
+    contraction), then the TOPK largest, largest first, ties to the lower index (torch's stable
+    descending sort; NaN counts as the largest, as there): ``IDX[b, hr, r, :]`` int32."""
+    rq = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    b = tl.program_id(1) // HR
+    hr = tl.program_id(1) % HR
+    rk = tl.arange(0, BK)
+    base = MEANS + b.to(tl.int64) * R * (2 * HD) + hr * CH
+    a = tl.zeros([BQ, BK], dtype=tl.float32)
+    for c0 in range(0, CH, BC):
+        c = c0 + tl.arange(0, BC)
+        qm = tl.load(base + rq[:, None] * (2 * HD) + c[None, :], mask=(rq < R)[:, None] & (c < CH)[None, :],
+                     other=0.0)
+        km = tl.load(base + HD + rk[:, None] * (2 * HD) + c[None, :], mask=(rk < R)[:, None] & (c < CH)[None, :],
+                     other=0.0)
+        a += tl.dot(qm, tl.trans(km), input_precision="ieee")
+    a = tl.where(a != a, float("inf"), a)
+    col = rk[None, :] + tl.zeros([BQ, BK], dtype=tl.int32)
+    taken = col >= R  # padding columns are never chosen; TOPK <= R leaves a real one each round
+    out = IDX + ((b * HR + hr).to(tl.int64) * R + rq) * TOPK
+    for t in range(0, TOPK):
+        cur = tl.where(taken, float("-inf"), a)
+        best = tl.max(cur, axis=1)
+        j = tl.min(tl.where((cur == best[:, None]) & ~taken, col, BK), axis=1)
+        tl.store(out + t, j, mask=rq < R)
+        taken = taken | (col == j[:, None])
+
+
 INVERSE_ENTRIES = 4096  # routing entries the inverse kernel holds per step (BR x BT)
 
 
@@ -241,6 +305,38 @@ def inverse_routing(idx: torch.Tensor, R: int, block_rows: int = 0) -> Tuple[tor
     cfg = spaces.ROUTING_INVERSE.default(())
     _inverse_kernel[(n,)](idx, cnt, inv, R, topk, BR=BR, BT=BT, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return cnt, inv
+
+
+POOL_TOKENS, POOL_CHANNELS = 32, 64  # one pooling step: 32 tokens x 64 channels of q and of k
+SELECT_ROWS, SELECT_CHANNELS = 16, 32  # query regions per select program, channels per affinity dot
+SELECT_MAX_REGIONS = 256  # a select program holds [16, pow2(R)] affinities; above, torch's sort
+
+
+def route_regions(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry, topk: int,
+                  per_head: bool = False) -> torch.Tensor:
+    """Steps 2-3 of the reference (region means, affinity, stable top-k) for q, k ``[B, N, H, D]``
+    contiguous: int32 ``[B, HR, R, topk]`` (HR = H per head, else 1). Two launches (pooling, then
+    affinity and top-k) where the torch ops of ``reference.route`` take seven: at BiFormer's small
+    stages routing is paid in host time per op. The same choice as the reference up to rounding
+    (fp32 sums in another order): a near tie may resolve the other way. More than
+    SELECT_MAX_REGIONS regions: the reference's torch ops."""
+    B, _, H, D = q.shape
+    if pow2(g.R) > SELECT_MAX_REGIONS:
+        idx = _ref.route(q, k, g, topk, per_head)
+        return (idx if per_head else idx[:, None]).to(torch.int32).contiguous()
+    HD, HR = H * D, (H if per_head else 1)
+    means = empty((B, g.R, 2, HD), torch.float32, q.device)
+    cfg = spaces.ROUTING_POOL.default(())
+    _pool_kernel[(g.R, triton.cdiv(HD, POOL_CHANNELS), B)](
+        q, k, means, region_table(g, q.device), g.N, g.n2, g.r2, g.RT, HD, BT=POOL_TOKENS, BC=POOL_CHANNELS,
+        PADDED=g.padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    idx = torch.empty((B, HR, g.R, topk), dtype=torch.int32, device=q.device)
+    BK = max(16, pow2(g.R))
+    cfg = spaces.ROUTING_SELECT.default((BK,))
+    _select_kernel[(triton.cdiv(g.R, SELECT_ROWS), B * HR)](
+        means, idx, g.R, HD, D if per_head else HD, HR, topk, BQ=SELECT_ROWS, BK=BK, BC=SELECT_CHANNELS,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return idx
 
 
 def region_class(RT: int) -> int:
@@ -334,18 +430,19 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
 
 
 def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: float, routing):
-    """The Triton path of ``subquad.bilevel_routing_attention`` on validated inputs: routing with
-    the reference's torch ops (region means, affinity, stable top-k: a few small ops), then the
-    kernels. Returns (o in q's shape, routing int64)."""
+    """The Triton path of ``subquad.bilevel_routing_attention`` on validated inputs: routing by
+    ``route_regions`` (or the caller's), then the kernels. Returns (o in q's shape, the routing:
+    int32 ``[B, R, topk]`` shared / ``[B, H, R, topk]`` per head, or the caller's tensor)."""
     spatial = tuple(q.shape[1:-2])
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     g = _ref.region_geometry(spatial, num_regions)
     q3, k3, v3 = (x.reshape(B, g.N, H, D).contiguous() for x in (q, k, v))
     if isinstance(routing, str):
-        out_idx = _ref.route(q3, k3, g, topk, routing == "per_head")
+        idx = route_regions(q3, k3, g, topk, routing == "per_head")
+        out_idx = idx if routing == "per_head" else idx[:, 0]
     else:
-        out_idx = routing.to(torch.int64)
-    idx = (out_idx if out_idx.dim() == 4 else out_idx[:, None]).to(torch.int32).contiguous()
+        out_idx = routing
+        idx = (routing if routing.dim() == 4 else routing[:, None]).to(torch.int32).contiguous()
     o = block_sparse_attention(q3, k3, v3, route_fwd, route_bwd, idx, g, scale)
     return o.reshape(q.shape), out_idx
 
@@ -373,3 +470,10 @@ def compile_specs(dtype: str, K: int, V: int):
     # the inverse routing at its largest step (BR x BT = INVERSE_ENTRIES); independent of the head dim
     inv_sig = dict(IDX=i32, CNT=i32, INV=i32, R="i32", TOPK="i32")
     yield (spaces.ROUTING_INVERSE, _inverse_kernel, inv_sig, lambda c: dict(BR=INVERSE_ENTRIES // 16, BT=16), [()])
+    # routing: pooling (padded, the heavier variant) and the select kernel at its widest block
+    pool_sig = dict(Q=x, K=x, MEANS=f32, TAB=i32, **{name: "i32" for name in ["ntok", "n2", "R2", "RT", "HD"]})
+    yield (spaces.ROUTING_POOL, _pool_kernel, pool_sig,
+           lambda c: dict(BT=POOL_TOKENS, BC=POOL_CHANNELS, PADDED=True), [()])
+    sel_sig = dict(MEANS=f32, IDX=i32, **{name: "i32" for name in ["R", "HD", "CH", "HR", "TOPK"]})
+    yield (spaces.ROUTING_SELECT, _select_kernel, sel_sig,
+           lambda c: dict(BQ=SELECT_ROWS, BK=c.kw["BKMAX"], BC=SELECT_CHANNELS), [(64,), (SELECT_MAX_REGIONS,)])

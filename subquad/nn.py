@@ -70,8 +70,9 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"x must be [B, Hi, Wi, C={self.dim}], got shape {tuple(x.shape)}")
         B, Hi, Wi, C = x.shape
         q, k, v = self.qkv(x).reshape(B, Hi, Wi, 3, self.num_heads, self.head_dim).unbind(3)
-        o, idx = bilevel_routing_attention(q, k, v, num_regions=self.num_regions, topk=self.topk, scale=self.scale,
-                                           routing="shared", backend=self.backend, return_routing=True)
+        out = bilevel_routing_attention(q, k, v, num_regions=self.num_regions, topk=self.topk, scale=self.scale,
+                                        routing="shared", backend=self.backend, return_routing=return_routing)
+        o, idx = out if return_routing else (out, None)
         o = o.reshape(B, Hi, Wi, C)
         if self.lepe is not None:
             o = o + self.lepe(v.reshape(B, Hi, Wi, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

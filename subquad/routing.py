@@ -146,4 +146,4 @@ def bilevel_routing_attention(
         o, idx = routing_attention(q, k, v, ss, topk, scale, routing)
     else:
         o, idx = _ref.bilevel_routing_attention(q, k, v, ss, topk, scale, routing)
-    return (o, idx) if return_routing else o
+    return (o, idx.to(torch.int64)) if return_routing else o

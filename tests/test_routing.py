@@ -26,6 +26,32 @@ def _grads(fn, q, k, v, do):
     return (o,) + torch.autograd.grad((o.double() * do.double()).sum(), leaves)
 
 
+def _affinity64(q, k, S, per_head):
+    """The reference's region affinity of q, k ``[B, *spatial, H, D]`` in float64: [B, R, R] shared,
+    [B, H, R, R] per head."""
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    spatial = tuple(q.shape[1:-2])
+    g = ref.region_geometry(spatial, tuple(S) if isinstance(S, (list, tuple)) else (S,) * len(spatial))
+    qr, kr = (ref.region_means(x.detach().double().reshape(B, g.N, H, D), g) for x in (q, k))
+    if per_head:
+        return torch.matmul(qr.transpose(1, 2), kr.permute(0, 2, 3, 1))
+    return torch.bmm(qr.reshape(B, g.R, H * D), kr.reshape(B, g.R, H * D).transpose(1, 2))
+
+
+def _assert_same_routing(idx, idx_ref, q, k, S, per_head):
+    """The Triton routing (fp32 sums in its own order) chooses as the reference does: the same
+    regions in the same order, except where two affinities are within rounding of each other,
+    so compared by the float64 affinities of the chosen regions, position by position."""
+    assert idx.shape == idx_ref.shape and idx.dtype == idx_ref.dtype == torch.int64
+    if torch.equal(idx, idx_ref):
+        return
+    a = _affinity64(q, k, S, per_head)
+    got, want = a.gather(-1, idx.to(a.device)), a.gather(-1, idx_ref.to(a.device))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * a.abs().max().item())
+    for row in idx.reshape(-1, idx.shape[-1]).tolist():  # a routing row never repeats a region
+        assert len(set(row)) == len(row)
+
+
 def _check(B, spatial, H, D, S, topk, routing, dtype):
     q = randn(B, *spatial, H, D, dtype=dtype, seed=1)
     k = randn(B, *spatial, H, D, dtype=dtype, seed=2)
@@ -35,10 +61,10 @@ def _check(B, spatial, H, D, S, topk, routing, dtype):
         routing = routing.to(DEVICE)
     kw = dict(num_regions=S, topk=topk)
     _, idx = subquad.bilevel_routing_attention(q, k, v, routing=routing, backend="triton", return_routing=True, **kw)
-    if isinstance(routing, str):  # the reference routes the same (same torch ops, same device)
+    if isinstance(routing, str):
         _, idx_ref = subquad.bilevel_routing_attention(q, k, v, routing=routing, backend="reference",
                                                        return_routing=True, **kw)
-        assert torch.equal(idx, idx_ref)
+        _assert_same_routing(idx, idx_ref, q, k, S, routing == "per_head")
     got = _grads(lambda a, b, c: subquad.bilevel_routing_attention(a, b, c, routing=routing, backend="triton", **kw),
                  q, k, v, do)
     low = _grads(lambda a, b, c: subquad.bilevel_routing_attention(a, b, c, routing=idx, backend="reference", **kw),
@@ -82,6 +108,45 @@ def test_supplied_routing_with_an_empty_routed_set():
     q = randn(1, 9, 2, 16, seed=1)
     o = subquad.bilevel_routing_attention(q, q, q, num_regions=4, topk=1, routing=one.to(DEVICE), backend="triton")
     assert (o[0, :3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("B,spatial,H,D,S,topk,per_head", [
+    (2, (14, 14), 2, 32, (7, 7), 16, False),   # BiFormer's stage 3 geometry, 4-token regions
+    (1, (14, 14), 3, 24, (7, 7), 5, True),     # per head, D not a power of two
+    (1, (11, 13), 2, 32, (3, 4), 2, True),     # padded in both dims
+    (1, (9,), 2, 16, (4,), 4, False),          # region 3 holds no real token (mean 0); topk = all
+    (1, (40,), 1, 16, (40,), 3, False),        # 1-token regions, R = 40 > one select block of 16
+])
+def test_route_regions(B, spatial, H, D, S, topk, per_head, dtype):
+    """The Triton routing (region means, affinity, stable top-k) vs the reference's torch ops."""
+    from subquad.kernels.routing import route_regions
+
+    q, k = (randn(B, *spatial, H, D, dtype=dtype, seed=s) for s in (1, 2))
+    g = ref.region_geometry(spatial, S)
+    q3, k3 = (x.reshape(B, g.N, H, D) for x in (q, k))
+    got = route_regions(q3, k3, g, topk, per_head)
+    assert got.dtype == torch.int32 and got.shape == (B, H if per_head else 1, g.R, topk)
+    want = ref.route(q3, k3, g, topk, per_head)
+    _assert_same_routing(got.long() if per_head else got[:, 0].long(), want, q, k, S, per_head)
+
+
+def test_route_regions_ties_and_many_regions():
+    """Equal affinities go to the lower region index first, in order (as the reference's stable
+    sort); more regions than the select kernel holds: the reference's ops, the same result."""
+    from subquad.kernels.routing import SELECT_MAX_REGIONS, route_regions
+
+    g = ref.region_geometry((8, 8), (4, 4))
+    q = torch.ones(1, 64, 2, 16, device=DEVICE)
+    k = q.clone()
+    k[:, 27] = 2.0  # token (3, 3): region 5's mean is the largest, the rest tie
+    want = ref.route(q, k, g, 6)
+    assert want[0, 0].tolist() == [5, 0, 1, 2, 3, 4]
+    assert torch.equal(route_regions(q, k, g, 6)[:, 0].long(), want)
+    n = SELECT_MAX_REGIONS + 44
+    g = ref.region_geometry((n,), (n,))
+    q, k = (randn(1, n, 1, 16, seed=s) for s in (1, 2))
+    assert torch.equal(route_regions(q, k, g, 3)[:, 0].long(), ref.route(q, k, g, 3))
 
 
 def test_inverse_routing():
