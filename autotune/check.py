@@ -182,6 +182,7 @@ class Job:
     config: Config
     default: bool
     arch: int
+    as_launched: bool = False  # integer arguments a typical launch passes as 1 compiled as constants
 
 
 def _family_module(name: str):
@@ -195,9 +196,12 @@ def collect_jobs(
     archs: Sequence[int] = ARCHS,
     kernels: Optional[Iterable[str]] = None,
     used_only: bool = False,
+    configs: Optional[str] = None,
+    as_launched: bool = False,
 ) -> Tuple[List[Job], List[dict]]:
     """Every (family, dtype, dims, kernel, config, arch) to compile, and error rows for specs that
-    could not even be enumerated (a family module that fails to import, a bucket with no config)."""
+    could not even be enumerated (a family module that fails to import, a bucket with no config).
+    configs: only configs whose name contains this text; as_launched: see ``compile_job``."""
     wanted = set(kernels) if kernels else None
     jobs: List[Job] = []
     errors: List[dict] = []
@@ -223,7 +227,9 @@ def collect_jobs(
                     if wanted is not None and tuner.kernel not in wanted:
                         continue
                     # optional 5th element: the tuner buckets these specs serve (default: the
-                    # (dtype, K, V, has_decay=True) bucket of lightning-style tuners)
+                    # (dtype, K, V, has_decay=True) bucket of lightning-style tuners); optional 6th:
+                    # units(cfg), the integer arguments a typical launch of cfg passes as 1
+                    # (compiled as constants with as_launched)
                     buckets = list(spec[4]) if len(spec) > 4 and spec[4] is not None else [(dtype, K, V, True)]
                     chosen: Dict[Config, bool] = {}  # config -> default of some bucket
                     for bucket in buckets:
@@ -237,8 +243,10 @@ def collect_jobs(
                         for cfg in ([cands[0]] if used_only else cands):
                             chosen[cfg] = chosen.get(cfg, False) or cfg == cands[0]
                     for cfg, is_default in chosen.items():
+                        if configs and configs not in cfg.name():
+                            continue
                         for arch in archs:
-                            jobs.append(Job(fam, dtype, K, V, i, tuner.kernel, cfg, is_default, arch))
+                            jobs.append(Job(fam, dtype, K, V, i, tuner.kernel, cfg, is_default, arch, as_launched))
     return jobs, errors
 
 
@@ -363,7 +371,12 @@ def compile_job(job: Job) -> dict:
             raise RuntimeError(f"compile_specs order changed: spec {job.spec} is {tuner.kernel}")
         if not isinstance(fn, triton.runtime.JITFunction):
             raise RuntimeError(f"{type(fn).__name__} is not a JITFunction: is TRITON_INTERPRET set?")
-        src = build_source(fn, signature, constexprs_fn(job.config))
+        constexprs = dict(constexprs_fn(job.config))
+        if job.as_launched and len(specs[job.spec]) > 5:
+            # Triton's launcher passes an integer argument equal to 1 as a constant: compiled so, code
+            # that treats such an argument as a tensor (x.to(...)) fails where it never did above
+            constexprs.update({name: 1 for name in specs[job.spec][5](job.config)})
+        src = build_source(fn, signature, constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                                   options={"num_warps": job.config.num_warps,
                                            "num_stages": job.config.num_stages})
@@ -586,6 +599,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", type=_parse_list, default=list(FAMILIES), help="kernel family modules to check")
     p.add_argument("--used-only", action="store_true",
                    help="only each bucket's default config (the one used without tuning)")
+    p.add_argument("--configs", default=None, metavar="TEXT", help="only configs whose name contains TEXT")
+    p.add_argument("--as-launched", action="store_true",
+                   help="compile the integer arguments a typical launch passes as 1 (the dims a config's rank "
+                        "lacks, dilation, ...; named by each family's compile_specs) as the constants Triton's "
+                        "launcher makes of them")
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per compile")
     p.add_argument("--json", metavar="PATH", default=None, help="write every row (and a summary) as JSON")
@@ -610,7 +628,8 @@ def run(args: argparse.Namespace) -> int:
 
     dtypes = list(args.dtypes) + (["float32"] if args.fp32 and "float32" not in args.dtypes else [])
     t0 = time.perf_counter()
-    jobs, errors = collect_jobs(args.families, dtypes, args.head_dims, args.archs, args.kernels, args.used_only)
+    jobs, errors = collect_jobs(args.families, dtypes, args.head_dims, args.archs, args.kernels, args.used_only,
+                                args.configs, args.as_launched)
     if args.kernels:
         seen = {j.kernel for j in jobs} | {e["kernel"] for e in errors}
         missing = [k for k in args.kernels if k not in seen]
@@ -642,7 +661,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "seconds": round(seconds, 1), "jobs": max(1, args.jobs),
                        "archs": list(args.archs), "dtypes": dtypes, "head_dims": [list(d) for d in args.head_dims],
-                       "used_only": bool(args.used_only), "rows": rows}, f, indent=1)
+                       "used_only": bool(args.used_only), "as_launched": bool(args.as_launched), "rows": rows},
+                      f, indent=1)
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
 
 

@@ -146,7 +146,8 @@ def _group_desc(P, first_row, heads, ng0, ng1, ng2, d0, d1, d2, n1, n2, D: tl.co
     row = heads * D  # elements between consecutive tokens
     return tl.make_tensor_descriptor(
         P + first_row, shape=[ng0, ng1, ng2, D],
-        strides=[(d0 * n1 * n2).to(tl.int64) * row, (d1 * n2).to(tl.int64) * row, d2.to(tl.int64) * row, 1],
+        strides=[tl.cast(d0 * n1 * n2, tl.int64) * row, tl.cast(d1 * n2, tl.int64) * row, tl.cast(d2, tl.int64) * row,
+                 1],
         block_shape=[T0, T1, T2, BD])
 
 
@@ -436,7 +437,9 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
 
 def compile_specs(dtype: str, K: int, V: int):
     """Static compile check entries (see ``subquad.autotune.check``) for head dim K (= V), every
-    spatial rank: (tuner, jit function, signature, constexprs(cfg), buckets)."""
+    spatial rank: (tuner, jit function, signature, constexprs(cfg), buckets, units(cfg)); units: the
+    integer arguments a typical launch of cfg passes as 1 (the dims its rank lacks, every dilation,
+    the GQA group), which Triton's launcher turns into constants."""
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x, f32 = f"*{tdt}", "*fp32"
     ints = {name: "i32" for name in ["n0", "n1", "n2", "k0", "k1", "k2", "s0", "s1", "s2", "d0", "d1", "d2",
@@ -444,12 +447,15 @@ def compile_specs(dtype: str, K: int, V: int):
     prec = precision(getattr(torch, dtype))
     buckets = [(dtype, K, rank) for rank in (1, 2, 3)]
 
+    def units(c):
+        return ["d0", "d1", "d2", "GROUP"] + [f"{p}{i}" for i in range(3 - c.kw["R"]) for p in "nksd"]
+
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, **ints, qk_scale="fp32", scale="fp32")
     for tuner, bwd in ((spaces.NEIGHBORHOOD_FWD, False), (spaces.NEIGHBORHOOD_BWD_DQ, True)):
         yield (tuner, _na_q_kernel, q_sig,
                lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BWD=bwd, PREC=prec, TMA=_tma(c),
-                                       **_tile_kw(c)), buckets)
+                                       **_tile_kw(c)), buckets, units)
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
                   scale="fp32")
     yield (spaces.NEIGHBORHOOD_BWD_DKDV, _na_kv_kernel, kv_sig,
-           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **_tile_kw(c)), buckets)
+           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **_tile_kw(c)), buckets, units)
