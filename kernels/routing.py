@@ -449,7 +449,9 @@ def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: flo
 
 def compile_specs(dtype: str, K: int, V: int):
     """Static compile check entries (see ``subquad.autotune.check``) for head dim K (= V), every
-    region-size class: (tuner, jit function, signature, constexprs(cfg), buckets)."""
+    region-size class: (tuner, jit function, signature, constexprs(cfg), buckets, units(cfg)); units:
+    the integer arguments a launch often passes as 1 (a sequence's one region row, topk 1 as in
+    BiFormer's first stage, one head), which Triton's launcher turns into constants."""
     if K > 128:
         return
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
@@ -462,18 +464,21 @@ def compile_specs(dtype: str, K: int, V: int):
     for tuner, bwd in ((spaces.ROUTING_FWD, False), (spaces.ROUTING_BWD_DQ, True)):
         yield (tuner, _route_q_kernel, q_sig,
                lambda c, bwd=bwd: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=bwd, PREC=prec,
-                                       PADDED=True), buckets)
+                                       PADDED=True), buckets, lambda c: ["R1", "TOPK", "H"])
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, INV_CNT=i32, INV_IDX=i32, **geo,
                   inv_sb="i32", inv_sh="i32", R="i32", nkt="i32", qk_scale="fp32", scale="fp32")
     yield (spaces.ROUTING_BWD_DKDV, _route_kv_kernel, kv_sig,
-           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec, PADDED=True), buckets)
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec, PADDED=True), buckets,
+           lambda c: ["R1", "H"])
     # the inverse routing at its largest step (BR x BT = INVERSE_ENTRIES); independent of the head dim
     inv_sig = dict(IDX=i32, CNT=i32, INV=i32, R="i32", TOPK="i32")
-    yield (spaces.ROUTING_INVERSE, _inverse_kernel, inv_sig, lambda c: dict(BR=INVERSE_ENTRIES // 16, BT=16), [()])
+    yield (spaces.ROUTING_INVERSE, _inverse_kernel, inv_sig, lambda c: dict(BR=INVERSE_ENTRIES // 16, BT=16), [()],
+           lambda c: ["TOPK"])
     # routing: pooling (padded, the heavier variant) and the select kernel at its widest block
     pool_sig = dict(Q=x, K=x, MEANS=f32, TAB=i32, **{name: "i32" for name in ["ntok", "n2", "R2", "RT", "HD"]})
     yield (spaces.ROUTING_POOL, _pool_kernel, pool_sig,
-           lambda c: dict(BT=POOL_TOKENS, BC=POOL_CHANNELS, PADDED=True), [()])
+           lambda c: dict(BT=POOL_TOKENS, BC=POOL_CHANNELS, PADDED=True), [()], lambda c: ["R2"])
     sel_sig = dict(MEANS=f32, IDX=i32, **{name: "i32" for name in ["R", "HD", "CH", "HR", "TOPK"]})
     yield (spaces.ROUTING_SELECT, _select_kernel, sel_sig,
-           lambda c: dict(BQ=SELECT_ROWS, BK=c.kw["BKMAX"], BC=SELECT_CHANNELS), [(64,), (SELECT_MAX_REGIONS,)])
+           lambda c: dict(BQ=SELECT_ROWS, BK=c.kw["BKMAX"], BC=SELECT_CHANNELS), [(64,), (SELECT_MAX_REGIONS,)],
+           lambda c: ["HR", "TOPK"])
