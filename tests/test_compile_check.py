@@ -201,8 +201,9 @@ def test_check_leaves_the_interpreter(tmp_path):
 @pytest.mark.parametrize("what", [
     ["--families", "neighborhood", "--kernels", "neighborhood_fwd,neighborhood_bwd_dq", "--configs", "TMA1",
      "--head-dims", "64"],
+    ["--families", "neighborhood", "--used-only", "--head-dims", "64"],
     ["--families", "routing", "--used-only", "--head-dims", "32"],
-], ids=["neighborhood-tma", "routing-defaults"])
+], ids=["neighborhood-tma", "neighborhood-defaults", "routing-defaults"])
 def test_compiles_as_launched(tmp_path, what):
     """Kernels compile for sm_90 as typical launches pass them: Triton's launcher makes an integer
     argument equal to 1 a constant (neighborhood: the dims a config's rank lacks, a dilation of 1,
