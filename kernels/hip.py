@@ -511,7 +511,9 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
 
 def compile_specs(dtype: str, K: int, V: int):
     """Static compile check entries (see ``subquad.autotune.check``): (tuner, jit function,
-    signature, constexprs(cfg), buckets) for the attention kernels and the selection kernel at head dim K."""
+    signature, constexprs(cfg), buckets, units(cfg)) for the attention kernels and the selection kernel
+    at head dim K; units: the integer arguments a launch often passes as 1 (a GQA group of one,
+    a decoding step's single query), which Triton's launcher turns into constants."""
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x, f32 = f"*{tdt}", "*fp32"
     prec = precision(getattr(torch, dtype))
@@ -520,25 +522,29 @@ def compile_specs(dtype: str, K: int, V: int):
     q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", **q_ints, qk_scale="fp32",
                  scale="fp32", NSPLIT="i32", n_stat="i32")
     yield (spaces.HIP_FWD, _hip_q_kernel, q_sig,
-           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=False, PREC=prec), buckets[:1])
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=False, PREC=prec), buckets[:1],
+           lambda c: ["GROUP"])
     yield (spaces.HIP_BWD_DQ, _hip_q_kernel, q_sig,
-           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=True, PREC=prec), buckets)
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=True, PREC=prec), buckets,
+           lambda c: ["GROUP"])
     # decoding (Tq <= 16: BM is clamped to 16 rows): the split-K forward and its combine step
     split_sig = dict(q_sig, O=f32)
     yield (spaces.HIP_FWD, _hip_q_kernel, split_sig,
            lambda c: dict(D=K, BD=pow2(K), BM=16, BN=c.kw["BN"], BWD=False, PREC=prec, SPLIT=True),
-           [(dtype, K, True)])
+           [(dtype, K, True)], lambda c: ["GROUP", "Tq"])
     yield (spaces.HIP_COMBINE, _hip_combine_kernel, dict(OP=f32, LP=f32, O=x, LSE=f32, n_stat="i32", NSPLIT="i32"),
            lambda c: dict(D=K, BD=pow2(K), BR=c.kw["BR"]), [(dtype, K, True)])
     g_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK32=f32, DV32=f32, BLK="*i32", **q_ints,
                  qk_scale="fp32", scale="fp32")
     yield (spaces.HIP_BWD_DKDV_GATHER, _hip_dkdv_gather_kernel, g_sig,
-           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets,
+           lambda c: ["GROUP"])
     l_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "bsq", "W"]}
     l_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK32=f32, DV32=f32, DK=x, DV=x, **l_ints,
                  qk_scale="fp32", scale="fp32")
     yield (spaces.HIP_BWD_DKDV_LOCAL, _hip_dkdv_local_kernel, l_sig,
-           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets)
+           lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], PREC=prec), buckets,
+           lambda c: ["GROUP"])
     yield from _select_compile_specs(dtype, K, V)
 
 

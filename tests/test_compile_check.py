@@ -203,11 +203,13 @@ def test_check_leaves_the_interpreter(tmp_path):
      "--head-dims", "64"],
     ["--families", "neighborhood", "--used-only", "--head-dims", "64"],
     ["--families", "routing", "--used-only", "--head-dims", "32"],
-], ids=["neighborhood-tma", "neighborhood-defaults", "routing-defaults"])
+    ["--families", "hip", "--used-only", "--head-dims", "128"],
+], ids=["neighborhood-tma", "neighborhood-defaults", "routing-defaults", "hip-defaults"])
 def test_compiles_as_launched(tmp_path, what):
     """Kernels compile for sm_90 as typical launches pass them: Triton's launcher makes an integer
     argument equal to 1 a constant (neighborhood: the dims a config's rank lacks, a dilation of 1,
-    a GQA group of 1; routing: one region row, topk 1, one head). A `.to()` on such a constant in
+    a GQA group of 1; routing: one region row, topk 1, one head; HiP: a GQA group of 1, a decoding
+    step's single query). A `.to()` on such a constant in
     the neighborhood TMA walk failed to compile while every check above, which keeps integers
     runtime values, passed: the GPU's tuner would have dropped every TMA candidate of a
     dilation-1 launch."""
