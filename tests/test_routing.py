@@ -98,6 +98,15 @@ def test_kernel_matches_reference(case, dtype):
     _check(*case, dtype)
 
 
+def test_wide_row_offsets(monkeypatch):
+    """The walks' int64 row offsets (taken when one batch element holds 2^31 elements or more,
+    too large to test directly) compute the same function as the int32 ones."""
+    from subquad.kernels import routing as kr
+
+    monkeypatch.setattr(kr, "_wide", lambda q: True)
+    _check(1, (11, 13), 2, 32, (3, 4), 2, "per_head", torch.float32)
+
+
 def test_supplied_routing_with_an_empty_routed_set():
     """9 tokens in 4 regions of 3 (region 3 empty); region 0 routed to {3} only: o = 0 and zero,
     finite gradients there (the kernel's lse = -inf rows), per-head routing supplied by the caller."""
