@@ -74,14 +74,20 @@ def _lower_bound(target, n, k, s, causal, nbits, USE_END: tl.constexpr):
 
 
 @triton.jit
-def _full_tiles(kf, kl, TQ, n, k, s, causal, nbits):
-    """The query tiles t (TQ in-group queries each, along one dim of n) for which every query's
-    window holds all of the keys [kf, kl]: an interval [lo, hi] of tile indices (empty when lo >
-    hi). Windows are monotone in the query, so it takes the tile's first query's end past kl and
-    its last query's start at most kf: two bisections per program instead of two windows a step."""
-    i_e = _lower_bound(kl, n, k, s, causal, nbits, True)  # the first query whose window ends past kl
-    i_s = _lower_bound(kf, n, k, s, causal, nbits, False)  # the first query whose window starts past kf
-    return (i_e + TQ - 1) // TQ, tl.where(i_s >= n, n, i_s // TQ - 1)
+def _query_tiles(t, TK, TQ, n, k, s, causal, nbits):
+    """Along one dim of n, the query tiles (TQ in-group queries each) that KV tile t (TK keys) meets:
+    the ``cnt`` tiles from ``lo`` whose windows meet any of its keys [kf, kl], and the interval
+    [full_lo, full_hi] (empty when full_lo > full_hi) of those whose every window holds all of
+    them, so need no element mask. Windows are monotone in the query: four bisections per program
+    (first end past kf, first start past kl; first end past kl, first start past kf), not windows
+    per step. Returns (lo, cnt, full_lo, full_hi)."""
+    kf = t * TK
+    kl = tl.minimum(kf + TK, n) - 1
+    lo = _lower_bound(kf, n, k, s, causal, nbits, True) // TQ
+    cnt = tl.maximum((_lower_bound(kl, n, k, s, causal, nbits, False) - 1) // TQ - lo + 1, 0)
+    i_e = _lower_bound(kl, n, k, s, causal, nbits, True)
+    i_s = _lower_bound(kf, n, k, s, causal, nbits, False)
+    return lo, cnt, (i_e + TQ - 1) // TQ, tl.where(i_s >= n, n, i_s // TQ - 1)
 
 
 @triton.jit
@@ -291,26 +297,10 @@ def _na_kv_kernel(
     k_rows = ((b.to(tl.int64) * ntok + ktok) * Hkv + hk) * D
     k = load_rows(K, k_rows, k_ok, offs_d, d_ok)
     v = load_rows(V, k_rows, k_ok, offs_d, d_ok)
-    # keys of this tile per dim: [kf, kl]; the queries whose windows meet them: [i_lo, i_hi]
-    kf0 = t0 * TK0
-    kf1 = t1 * TK1
-    kf2 = t2 * TK2
-    kl0 = tl.minimum(kf0 + TK0, ng0) - 1
-    kl1 = tl.minimum(kf1 + TK1, ng1) - 1
-    kl2 = tl.minimum(kf2 + TK2, ng2) - 1
-    lo0 = _lower_bound(kf0, ng0, k0, s0, c0, nbits, True) // TQ0
-    lo1 = _lower_bound(kf1, ng1, k1, s1, c1, nbits, True) // TQ1
-    lo2 = _lower_bound(kf2, ng2, k2, s2, c2, nbits, True) // TQ2
-    cnt0 = (_lower_bound(kl0, ng0, k0, s0, c0, nbits, False) - 1) // TQ0 - lo0 + 1
-    cnt1 = (_lower_bound(kl1, ng1, k1, s1, c1, nbits, False) - 1) // TQ1 - lo1 + 1
-    cnt2 = (_lower_bound(kl2, ng2, k2, s2, c2, nbits, False) - 1) // TQ2 - lo2 + 1
-    cnt0 = tl.maximum(cnt0, 0)
-    cnt1 = tl.maximum(cnt1, 0)
-    cnt2 = tl.maximum(cnt2, 0)
-
-    fl0, fh0 = _full_tiles(kf0, kl0, TQ0, ng0, k0, s0, c0, nbits)
-    fl1, fh1 = _full_tiles(kf1, kl1, TQ1, ng1, k1, s1, c1, nbits)
-    fl2, fh2 = _full_tiles(kf2, kl2, TQ2, ng2, k2, s2, c2, nbits)
+    # per dim: the query tiles whose windows meet this KV tile, and those needing no element mask
+    lo0, cnt0, fl0, fh0 = _query_tiles(t0, TK0, TQ0, ng0, k0, s0, c0, nbits)
+    lo1, cnt1, fl1, fh1 = _query_tiles(t1, TK1, TQ1, ng1, k1, s1, c1, nbits)
+    lo2, cnt2, fl2, fh2 = _query_tiles(t2, TK2, TQ2, ng2, k2, s2, c2, nbits)
 
     ql0, ql1, ql2, q_rel = _box_layout(TQ0, TQ1, TQ2, d0, d1, d2, n1, n2)
     q_rel = q_rel.to(tl.int64) * H  # lse / delta rows of a query tile from its first row (x D: q / dO)

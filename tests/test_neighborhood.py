@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 import subquad
-from subquad.kernels.neighborhood import _full_tiles
+from subquad.kernels.neighborhood import _query_tiles
 from subquad.reference import neighborhood as ref
 
 from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
@@ -127,33 +127,38 @@ def test_every_config(tuner, cfg, monkeypatch):
 
 
 @triton.jit
-def _full_tiles_probe(KF, KL, OUT, TQ, n, k, s, causal, nbits):
-    i = tl.program_id(0)
-    lo, hi = _full_tiles(tl.load(KF + i), tl.load(KL + i), TQ, n, k, s, causal, nbits)
-    tl.store(OUT + 2 * i, lo)
-    tl.store(OUT + 2 * i + 1, hi)
+def _query_tiles_probe(OUT, TK, TQ, n, k, s, causal, nbits):
+    t = tl.program_id(0)
+    lo, cnt, full_lo, full_hi = _query_tiles(t, TK, TQ, n, k, s, causal, nbits)
+    tl.store(OUT + 4 * t, lo)
+    tl.store(OUT + 4 * t + 1, cnt)
+    tl.store(OUT + 4 * t + 2, full_lo)
+    tl.store(OUT + 4 * t + 3, full_hi)
 
 
 @pytest.mark.parametrize("n,k,s,causal,TQ,TK", [
     (41, 5, 2, True, 8, 8), (41, 5, 2, False, 8, 4), (64, 16, 16, False, 16, 16), (37, 7, 1, False, 4, 8),
     (100, 20, 7, True, 16, 8), (33, 33, 1, False, 8, 8), (200, 64, 1, False, 16, 16), (200, 64, 32, True, 16, 16),
 ])
-def test_full_tile_interval(n, k, s, causal, TQ, TK):
-    """dK/dV's test of a visited query tile (no element mask when every query's window holds the
-    whole KV tile) is an interval of tile indices found once per program: it must hold exactly the
-    tiles a brute force over the reference's windows calls full (one more would be a wrong gradient,
-    one fewer a masked tile that need not be)."""
-    kf = torch.arange(0, n, TK, dtype=torch.int32)
-    kl = torch.clamp(kf + TK, max=n) - 1
-    out = torch.empty(2 * len(kf), dtype=torch.int32, device=DEVICE)
-    _full_tiles_probe[(len(kf),)](kf.to(DEVICE), kl.to(DEVICE), out, TQ, n, k, s, int(causal), n.bit_length())
-    got = out.cpu().reshape(-1, 2).tolist()
+def test_query_tiles_of_a_kv_tile(n, k, s, causal, TQ, TK):
+    """dK/dV's walk per dim, found once per program by bisection: the query tiles whose windows meet
+    a KV tile must be exactly those a brute force over the reference's windows finds (one too few
+    would drop gradient terms), and the tiles it runs without the element mask exactly those whose
+    every query's window holds the whole KV tile (one more would be a wrong gradient, one fewer a
+    masked tile that need not be)."""
+    ntk = -(-n // TK)
+    out = torch.empty(4 * ntk, dtype=torch.int32, device=DEVICE)
+    _query_tiles_probe[(ntk,)](out, TK, TQ, n, k, s, int(causal), n.bit_length())
+    got = out.cpu().reshape(-1, 4).tolist()
     st, en = ref.ingroup_window(torch.arange(n), n, k, s, causal)
     fulls = 0
-    for (lo, hi), a, b in zip(got, kf.tolist(), kl.tolist()):
+    for tk, (lo, cnt, full_lo, full_hi) in enumerate(got):
+        a, b = tk * TK, min(tk * TK + TK, n) - 1
         for t in range(-(-n // TQ)):
             queries = range(t * TQ, min(t * TQ + TQ, n))
+            meets = any(st[i] <= b and a < en[i] for i in queries)
+            assert (lo <= t < lo + cnt) == meets, (a, b, t, lo, cnt)
             want = all(st[i] <= a and b < en[i] for i in queries)
-            assert (lo <= t <= hi) == want, (a, b, t, lo, hi)
+            assert (full_lo <= t <= full_hi) == want, (a, b, t, full_lo, full_hi)
             fulls += want
     assert fulls > 0  # the cases are not all partial tiles
