@@ -20,8 +20,8 @@
 # it measures subquad and SDPA first, then decoding, then FLA (whose first call autotunes for
 # minutes). At most 8 files land in $OUT.
 #
-# Env: TESTS (pytest paths, default tests), BENCH_CMD (replaces step 5's command; e.g. one family's
-# full benchmark), PYBENCH_TIMEOUT=0 skips step 6, OUT (default bench/out/gpu_check), SUBQUAD_COMMIT (the commit measured, recorded in the
+# Env: TESTS (pytest paths, default tests), BENCH_CMD (replaces step 5's command, run by bash -c: it may
+# chain several, and may write under $RES, which is exported), PYBENCH_TIMEOUT=0 skips step 6, OUT (default bench/out/gpu_check), SUBQUAD_COMMIT (the commit measured, recorded in the
 # results; pass it when the tree was copied without .git), TESTS_AUTOTUNE (default 0: the tests
 # run each kernel's default config, and they test every config explicitly; 1 tunes every shape
 # bucket the tests touch, minutes of compiling; the bench check always runs tuned configs).
@@ -31,6 +31,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench/out/gpu_check}"
 RES="${RES:-/tmp/gpu_check_results}"  # benchmark files, archived into $OUT/results.tar.gz at the end
 mkdir -p "$OUT" "$RES"
+export RES
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-150}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-290}"
 BENCH_BUDGET="${BENCH_BUDGET:-240}"
@@ -94,7 +95,7 @@ tests_rc=${PIPESTATUS[0]}
 
 # 5. main job: correctness check with tuned configs, then the quick benchmark
 say "$BENCH_CMD (cap ${BENCH_TIMEOUT}s)"
-timeout "$BENCH_TIMEOUT" $BENCH_CMD 2>&1 | tee "$OUT/bench.log"
+timeout "$BENCH_TIMEOUT" bash -c "$BENCH_CMD" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 # 6. pytest-benchmark plumbing (synchronised GPU timing); FLA left out: it would re-tune here
