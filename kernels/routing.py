@@ -115,8 +115,8 @@ def _region_tile(TAB, reg, t, BT: tl.constexpr, R2, RT, n2, PADDED: tl.constexpr
 def _rows_of(tok, WIDE: tl.constexpr):
     """Tokens as the type of a walk's row offsets from its (batch, head) base: int32 (cheaper
     address arithmetic: ~10% of a step's instructions) unless the offsets may reach 2^31."""
-    if WIDE:
-        return tok.to(tl.int64)
+    if WIDE:  # one return: the compiler rejects a function whose returns differ in type
+        tok = tok.to(tl.int64)
     return tok
 
 

@@ -221,3 +221,33 @@ def test_compiles_as_launched(tmp_path, what):
     assert len(rows) >= 6, proc.stdout[-3000:] + proc.stderr[-3000:]
     failing = [f"{r['kernel']} {r['config']}: {r['reasons']}" for r in rows if r["status"] != "PASS"]
     assert not failing, "\n".join(failing)
+
+
+_WIDE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from subquad.autotune.check import build_source
+from subquad.kernels import routing as R
+done = 0
+for spec in R.compile_specs("bfloat16", 32, 32):
+    tuner, fn, sig, constexprs, buckets = spec[:5]
+    if fn not in (R._route_q_kernel, R._route_kv_kernel):
+        continue
+    cfg = tuner.candidates(tuple(buckets[0]))[0]
+    for padded in (False, True):
+        src = build_source(fn, sig, dict(constexprs(cfg), PADDED=padded, WIDE=True))
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+        done += 1
+print("compiled", done)
+"""
+
+
+def test_routing_wide_offsets_compile():
+    """The routing walks' int64 row-offset path (WIDE: one batch element of 2^31 elements or more)
+    compiles: the interpreter runs it (test_routing.test_wide_row_offsets) but does not type-check
+    it as the compiler does; a helper returning int64 on one branch and int32 on the other passed
+    there and failed on the GPU."""
+    proc = subprocess.run([sys.executable, "-c", _WIDE_SCRIPT], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "compiled 6" in proc.stdout, proc.stdout
