@@ -157,8 +157,9 @@ _NA_DQ_SPACE = [
 ] + _NA_Q_SPACE
 
 # dK/dV holds two fp32 accumulators per KV tile: small tiles, and no software pipelining by
-# default (num_stages=1: it spills less on sm_80, and triton 3.6 fails to compile the pipelined
-# 1-D variant for sm_90 in its TritonGPUCoalesceAsyncCopy pass).
+# default (num_stages=1: it spills less on sm_80; triton 3.6 failed to compile the pipelined 1-D
+# 32-row-KV variant for sm_90 in its TritonGPUCoalesceAsyncCopy pass). The H200's picks (commit
+# 3a01d05) were all unpipelined 64-row KV tiles at 37-40% of the forward's FLOP rate.
 _NA_KV_SPACE = [
     _na(8, 1, (1, 1, 32), (1, 1, 32)),
     _na(4, 1, (1, 4, 8), (1, 4, 8)),
@@ -175,6 +176,15 @@ _NA_KV_SPACE = [
     _na(8, 1, (1, 1, 64), (1, 1, 64)),
     _na(8, 1, (1, 4, 8), (1, 8, 8)),
     _na(8, 1, (2, 4, 4), (4, 4, 4)),
+    # ... and pipelined (q / dO / lse / delta of the next query tile loaded by cp.async during this
+    # one's products): one 255-register CTA per SM cannot hide a load's latency otherwise
+    _na(8, 2, (1, 1, 32), (1, 1, 64)),
+    _na(8, 3, (1, 1, 32), (1, 1, 64)),
+    _na(8, 2, (1, 1, 64), (1, 1, 64)),
+    _na(8, 2, (1, 4, 8), (1, 8, 8)),
+    _na(8, 2, (1, 8, 8), (1, 8, 8)),
+    _na(8, 2, (2, 4, 4), (4, 4, 4)),
+    _na(8, 2, (4, 4, 4), (4, 4, 4)),
 ]
 
 NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
