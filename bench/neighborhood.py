@@ -623,7 +623,8 @@ def plot_gpu(payload: dict, path: str) -> Optional[str]:
 
 
 def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Optional[List[str]] = None,
-            dtypes: Optional[List[torch.dtype]] = None, modes: Optional[Sequence[str]] = None) -> dict:
+            dtypes: Optional[List[torch.dtype]] = None, modes: Optional[Sequence[str]] = None,
+            impls: Optional[Sequence[str]] = None) -> dict:
     B, H, D = GPU_SHAPE["B"], GPU_SHAPE["H"], GPU_SHAPE["D"]
     names = cases or (QUICK_CASES if quick else CASE_NAMES)
     dtypes = dtypes or (GPU_DTYPES_QUICK if quick else GPU_DTYPES)
@@ -682,7 +683,7 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Op
         for cn in names:
             for dtype in dtypes:
                 for impl in impls:
-                    if impl == "natten" and not natten_gpu_usable(natten):
+                    if (impl == "natten" and not natten_gpu_usable(natten)) or (impls and impl not in impls):
                         continue
                     measure(impl, cn, dtype)
     md, where = write()
@@ -815,10 +816,10 @@ def run_cpu(quick: bool, out_dir: str, budget: Optional[float] = None, threads: 
 
 def run(quick: bool = True, out_dir: str = common.DEFAULT_OUT, budget: Optional[float] = None, device: str = "auto",
         threads: Optional[int] = None, cases: Optional[List[str]] = None, dtypes: Optional[List[torch.dtype]] = None,
-        modes: Optional[Sequence[str]] = None) -> dict:
+        modes: Optional[Sequence[str]] = None, impls: Optional[Sequence[str]] = None) -> dict:
     """The benchmark on the GPU when there is one (or device="cuda"), else on the CPU."""
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return run_gpu(quick, out_dir, budget, cases, dtypes, modes)
+        return run_gpu(quick, out_dir, budget, cases, dtypes, modes, impls)
     return run_cpu(quick, out_dir, budget, threads)
 
 
@@ -828,9 +829,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", action="append", choices=["float16", "bfloat16"],
                    help="GPU: only this dtype (repeatable)")
     p.add_argument("--mode", action="append", choices=list(MODES), help="GPU: only this mode (repeatable)")
+    p.add_argument("--impl", action="append", choices=IMPLS,
+                   help="GPU: only this implementation (repeatable; the ratios need subquad and an SDPA row)")
     args = p.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
-    run(args.quick, args.out, args.budget, args.device, args.threads, args.case, dtypes, args.mode)
+    run(args.quick, args.out, args.budget, args.device, args.threads, args.case, dtypes, args.mode, args.impl)
     return 0
 
 
