@@ -679,10 +679,10 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Op
     # Order: subquad and SDPA on every case first (cheap, and what the targets need most), then
     # Flex (each case compiles its kernels and block mask) and NATTEN, so that a run cut short by
     # the budget still has the main comparison.
-    for impls in (("subquad", "sdpa_cudnn", "sdpa_flash"), ("flex", "natten")):
+    for group in (("subquad", "sdpa_cudnn", "sdpa_flash"), ("flex", "natten")):
         for cn in names:
             for dtype in dtypes:
-                for impl in impls:
+                for impl in group:
                     if (impl == "natten" and not natten_gpu_usable(natten)) or (impls and impl not in impls):
                         continue
                     measure(impl, cn, dtype)
