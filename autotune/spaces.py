@@ -158,8 +158,8 @@ _NA_DQ_SPACE = [
 
 # dK/dV holds two fp32 accumulators per KV tile: small tiles, and no software pipelining by
 # default (num_stages=1: it spills less on sm_80; triton 3.6 failed to compile the pipelined 1-D
-# 32-row-KV variant for sm_90 in its TritonGPUCoalesceAsyncCopy pass). The H200's picks (commit
-# 3a01d05) were all unpipelined 64-row KV tiles at 37-40% of the forward's FLOP rate.
+# 32-row-KV variant for sm_90 in its TritonGPUCoalesceAsyncCopy pass). On the H200 the best
+# configs run at 37-41% of the forward's FLOP rate (4 products per pair to the forward's 2).
 _NA_KV_SPACE = [
     _na(8, 1, (1, 1, 32), (1, 1, 32)),
     _na(4, 1, (1, 4, 8), (1, 4, 8)),
@@ -176,14 +176,11 @@ _NA_KV_SPACE = [
     _na(8, 1, (1, 1, 64), (1, 1, 64)),
     _na(8, 1, (1, 4, 8), (1, 8, 8)),
     _na(8, 1, (2, 4, 4), (4, 4, 4)),
-    # ... and pipelined (q / dO / lse / delta of the next query tile loaded by cp.async during this
-    # one's products): one 255-register CTA per SM cannot hide a load's latency otherwise
-    _na(8, 2, (1, 1, 32), (1, 1, 64)),
-    _na(8, 3, (1, 1, 32), (1, 1, 64)),
-    _na(8, 2, (1, 1, 64), (1, 1, 64)),
-    _na(8, 2, (1, 4, 8), (1, 8, 8)),
+    # ... and 64 x 64 pipelined ones (the next query tile's q / dO / lse / delta loaded by cp.async
+    # during this one's products), the H200's picks at 22cfff5 for 2-D (56.2 ms vs 60.7) and 3-D
+    # (193 vs 199). Pipelining did not pay in 1-D (64 x 64: 9.3 ms vs 8.3 unpipelined; 32-row query
+    # tiles at 2 or 3 stages 11.2-11.6 vs 10.3), nor for 32-row query tiles in 2-D / 3-D: dropped.
     _na(8, 2, (1, 8, 8), (1, 8, 8)),
-    _na(8, 2, (2, 4, 4), (4, 4, 4)),
     _na(8, 2, (4, 4, 4), (4, 4, 4)),
 ]
 
