@@ -169,10 +169,11 @@ def block_sparse_attention(q, k, v, fwd, bwd, *meta) -> torch.Tensor:
     return fwd(q, k, v, *meta)[0]
 
 
-def bwd_delta_buffer(o: torch.Tensor) -> torch.Tensor:
-    """The fp32 ``delta = rowsum(dO * O)`` buffer, laid out like lse ([B, *spatial, H]): written by
-    the dQ launch (``q_walk_init``), read by the dK/dV launch."""
-    return empty(o.shape[:-1], torch.float32, o.device)
+def bwd_delta_buffer(lse: torch.Tensor) -> torch.Tensor:
+    """The fp32 ``delta = rowsum(dO * O)`` buffer, laid out like the family's lse (the walks index
+    both with the same ``stat_rows``): written by the dQ launch (``q_walk_init``), read by the dK/dV
+    launch."""
+    return empty(lse.shape, torch.float32, lse.device)
 
 
 def precision(dtype: torch.dtype) -> str:

@@ -442,7 +442,7 @@ def hip_bwd(q, k, v, o, lse, do, blocks, geom, scale):
     bsq, bk, S, W = geom
     Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
     B, D, Hkv = q.shape[0], q.shape[-1], k.shape[2]
-    delta = bwd_delta_buffer(o)
+    delta = bwd_delta_buffer(lse)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)

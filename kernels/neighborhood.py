@@ -209,8 +209,8 @@ def _na_q_kernel(
 
     # the query tile: coordinates, rows, windows
     qc0, qc1, qc2, q_ok, tok = _box(t0, t1, t2, TQ0, TQ1, TQ2, ng0, ng1, ng2, g0, g1, g2, d0, d1, d2, n1, n2)
-    stat_rows = (b.to(tl.int64) * ntok + tok) * H + h
-    q_rows = stat_rows * D
+    q_rows = ((b.to(tl.int64) * ntok + tok) * H + h) * D
+    stat_rows = (b.to(tl.int64) * H + h) * ntok + tok  # lse / delta are head-major: [B, H, N]
     st0, en0 = _window(qc0, ng0, k0, s0, c0)
     st1, en1 = _window(qc1, ng1, k1, s1, c1)
     st2, en2 = _window(qc2, ng2, k2, s2, c2)
@@ -302,23 +302,27 @@ def _na_kv_kernel(
     lo1, cnt1, fl1, fh1 = _query_tiles(t1, TK1, TQ1, ng1, k1, s1, c1, nbits)
     lo2, cnt2, fl2, fh2 = _query_tiles(t2, TK2, TQ2, ng2, k2, s2, c2, nbits)
 
-    ql0, ql1, ql2, q_rel = _box_layout(TQ0, TQ1, TQ2, d0, d1, d2, n1, n2)
-    q_rel = q_rel.to(tl.int64) * H  # lse / delta rows of a query tile from its first row (x D: q / dO)
+    ql0, ql1, ql2, q_tok = _box_layout(TQ0, TQ1, TQ2, d0, d1, d2, n1, n2)
+    # a query tile's rows from its first: tokens for lse / delta ([B, H, N]: contiguous in a run of
+    # the tile, so a step loads them without per-element address arithmetic), x H D for q / dO
+    q_rel = q_tok.to(tl.int64) * (H * D)
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
+        stat_bh = (b.to(tl.int64) * H + h) * ntok
         qt0 = lo0
         qt1 = lo1
         qt2 = lo2
         for _ in range(0, cnt0 * cnt1 * cnt2):
             first, q_ok = _box_at(qt0, qt1, qt2, TQ0, TQ1, TQ2, ql0, ql1, ql2, ng0, ng1, ng2, g0, g1, g2,
                                   d0, d1, d2, n1, n2)
-            stat0 = (b.to(tl.int64) * ntok + first) * H + h
-            qt = load_rows(Q + stat0 * D, q_rel * D, q_ok, offs_d, d_ok)
-            dot_ = load_rows(DO + stat0 * D, q_rel * D, q_ok, offs_d, d_ok)
-            lse = tl.load(LSE + stat0 + q_rel, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
-            delta = tl.load(DELTA + stat0 + q_rel, mask=q_ok, other=0.0)
+            row0 = ((b.to(tl.int64) * ntok + first) * H + h) * D
+            qt = load_rows(Q + row0, q_rel, q_ok, offs_d, d_ok)
+            dot_ = load_rows(DO + row0, q_rel, q_ok, offs_d, d_ok)
+            stat0 = stat_bh + first
+            lse = tl.load(LSE + stat0 + q_tok, mask=q_ok, other=float("inf"))  # invalid queries: P = 0
+            delta = tl.load(DELTA + stat0 + q_tok, mask=q_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
             full = (fl2 <= qt2) & (qt2 <= fh2)
             if TQ1 > 1:  # a config's tiles span one position only in the dims its rank lacks (n = 1)
@@ -383,10 +387,11 @@ def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
 
 
 def na_fwd(q, k, v, geom, rank, scale):
-    """q [B, n0, n1, n2, H, D], k/v [B, n0, n1, n2, H_kv, D] contiguous -> (o, lse [B, N, H] fp32)."""
+    """q [B, n0, n1, n2, H, D], k/v [B, n0, n1, n2, H_kv, D] contiguous -> (o, lse [B, H, N] fp32:
+    head-major, so that a query tile's values are contiguous for dK/dV's per-step loads)."""
     n = geom[0]
     o = empty(q.shape, q.dtype, q.device)
-    lse = empty((q.shape[0], n[0] * n[1] * n[2], q.shape[-2]), torch.float32, q.device)
+    lse = empty((q.shape[0], q.shape[-2], n[0] * n[1] * n[2]), torch.float32, q.device)
 
     def launch(cfg):  # do / delta / dq are not read when bwd=False
         return _launch_q(cfg, geom, scale, q, k, v, o, lse, q, lse, q, bwd=False)
@@ -400,7 +405,7 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
     n = geom[0]
-    delta = bwd_delta_buffer(o)
+    delta = bwd_delta_buffer(lse)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)

@@ -420,7 +420,7 @@ def route_fwd(q, k, v, idx, g, scale):
 def route_bwd(q, k, v, o, lse, do, idx, g, scale):
     B, _, H, D = q.shape
     HR = idx.shape[1]
-    delta = bwd_delta_buffer(o)
+    delta = bwd_delta_buffer(lse)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
