@@ -104,6 +104,7 @@ class Tuner:
         self.space: List[Config] = list(dict.fromkeys(space))  # order kept, repeats dropped
         self.valid = valid or (lambda cfg, bucket: True)
         self._memo: Dict[tuple, Config] = {}
+        self._defaults: Dict[tuple, Config] = {}
 
     def candidates(self, bucket: tuple) -> List[Config]:
         cands = [c for c in self.space if self.valid(c, bucket)]
@@ -112,7 +113,9 @@ class Tuner:
         return cands
 
     def default(self, bucket: tuple) -> Config:
-        return self.candidates(bucket)[0]
+        if bucket not in self._defaults:  # launchers ask per call: filtering the space costs us
+            self._defaults[bucket] = self.candidates(bucket)[0]
+        return self._defaults[bucket]
 
     def choose(self, bucket: tuple, device, bench: Callable[[Config], float]) -> Config:
         """``bench(cfg)`` launches the real call with ``cfg`` and returns a time in ms."""

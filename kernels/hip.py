@@ -75,8 +75,6 @@ per query against T/2 = 64k on average for causal dense attention: 84x fewer FLO
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -84,7 +82,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init,
                            q_walk_step, q_walk_store)
-from .common import empty, pow2
+from .common import POISON, cdiv, empty, next_pow2, pow2
 
 __all__ = ["hip_sparse_attention", "hip_fwd", "hip_bwd", "hip_select_blocks", "select_meta",
            "compile_specs"]
@@ -359,9 +357,9 @@ def _q_grid(cfg, q, k, bsq):
     """(BM, RPB, grid) of the query-tile kernels: BM rows of one query block per program."""
     B, Tq, H = q.shape[0], q.shape[1], q.shape[2]
     Hkv = k.shape[2]
-    nqb = triton.cdiv(Tq, bsq)
+    nqb = cdiv(Tq, bsq)
     bm = min(cfg.kw["BM"], pow2(min(bsq, Tq)))
-    rpb = triton.cdiv(min(bsq, Tq), bm)
+    rpb = cdiv(min(bsq, Tq), bm)
     return bm, rpb, (nqb * rpb * (H // Hkv), B * Hkv)
 
 
@@ -392,8 +390,8 @@ def num_splits(q, k, blocks, geom, bn: int, programs: int) -> int:
     Tq = q.shape[1]
     if Tq > DECODE_MAX_TQ:
         return 1
-    tiles = triton.cdiv(S + blocks.shape[3] * bk, bn) + triton.cdiv(W + min(bsq, Tq), bn)
-    return max(1, min(triton.cdiv(_sm_count(q.device), programs), tiles // 2))
+    tiles = cdiv(S + blocks.shape[3] * bk, bn) + cdiv(W + min(bsq, Tq), bn)
+    return max(1, min(cdiv(_sm_count(q.device), programs), tiles // 2))
 
 
 def _launch_q(cfg, q, k, v, o, lse, do, delta, dq, blocks, geom, scale, bwd, nsplit=1):
@@ -427,7 +425,7 @@ def hip_fwd(q, k, v, blocks, geom, scale):
         lp = empty((nsplit, B, Tq, H), torch.float32, q.device)
         compiled = _launch_q(cfg, q, k, v, op, lp, q, lse, q, blocks, geom, scale, bwd=False, nsplit=nsplit)
         ccfg = spaces.HIP_COMBINE.default(_bucket(q))
-        _hip_combine_kernel[(triton.cdiv(n_stat, ccfg.kw["BR"]),)](
+        _hip_combine_kernel[(cdiv(n_stat, ccfg.kw["BR"]),)](
             op, lp, o, lse, n_stat, nsplit, D=D, BD=pow2(D), BR=ccfg.kw["BR"], num_warps=ccfg.num_warps,
             num_stages=ccfg.num_stages)
         return compiled
@@ -472,7 +470,7 @@ def hip_bwd(q, k, v, o, lse, do, blocks, geom, scale):
 
     def launch_local(cfg):
         bn = cfg.kw["BN"]
-        return _hip_dkdv_local_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
+        return _hip_dkdv_local_kernel[(cdiv(Tk, bn), B * Hkv)](
             q, k, v, lse, do, delta, dk32, dv32, dk, dv, Tq, Tk, H, group, bsq, W, scale * LOG2E, scale,
             D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=bn, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -500,7 +498,7 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
     Tk, Hkv = k.shape[1], k.shape[2]
     assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D and H % Hkv == 0 and Tq <= Tk
     assert blocks.dtype == torch.int32 and blocks.dim() == 4
-    assert tuple(blocks.shape[:3]) == (B, H, triton.cdiv(Tq, block_size_q)), (blocks.shape, Tq, block_size_q)
+    assert tuple(blocks.shape[:3]) == (B, H, cdiv(Tq, block_size_q)), (blocks.shape, Tq, block_size_q)
     assert block_size_q >= 1 and block_size_k >= 1 and sink_tokens >= 0 and window >= 0
     assert B * Hkv <= 65535, "batch x kv heads exceeds the grid limit"
     scale = D ** -0.5 if scale is None else float(scale)
@@ -731,12 +729,12 @@ def select_meta(D: int, topk: int, block_size_q: int, block_size_k: int, query_s
                 fp32: bool = False) -> dict:
     """The kernel's block constexprs for a problem and a config's keys-per-dot NR (fp32: the dots
     run on FMA units, DC = 16 columns at a time)."""
-    kb = triton.cdiv(topk, block_size_k)
-    kbp = max(16, triton.next_power_of_2(kb))
-    bkp = triton.next_power_of_2(block_size_k)
+    kb = cdiv(topk, block_size_k)
+    kbp = max(16, next_pow2(kb))
+    bkp = next_pow2(block_size_k)
     ch = max(1, min(kbp, NR // (2 * bkp)))
     bd = pow2(D)
-    return dict(D=D, BD=bd, NQS=pow2(triton.cdiv(block_size_q, query_stride)), BK=bkp, KBP=kbp, CH=ch,
+    return dict(D=D, BD=bd, NQS=pow2(cdiv(block_size_q, query_stride)), BK=bkp, KBP=kbp, CH=ch,
                 DC=min(bd, 16) if fp32 else bd)
 
 
@@ -756,10 +754,10 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     Tk, Hkv = k.shape[1], k.shape[2]
     q = q.contiguous()
     k = k.contiguous()
-    kb = triton.cdiv(topk, block_size_k)
-    nqb = triton.cdiv(Tq, block_size_q)
+    kb = cdiv(topk, block_size_k)
+    nqb = cdiv(Tq, block_size_q)
     blocks = torch.empty((B, H, nqb, kb), dtype=torch.int32, device=q.device)
-    if os.environ.get("SUBQUAD_POISON", "0") not in ("", "0"):
+    if POISON:
         blocks.fill_(-7)  # never a valid entry: an unwritten slot fails the comparison
     prec = precision(q.dtype)
     meta0 = select_meta(D, topk, block_size_q, block_size_k, query_stride, 128)

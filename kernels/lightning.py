@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .common import empty, pow2 as _pow2
+from .common import cdiv, empty, pow2 as _pow2
 
 __all__ = ["LightningAttentionFunction", "lightning_fwd", "lightning_bwd", "RECURRENT_MAX_T"]
 
@@ -314,7 +314,7 @@ def _blocks(cfg, K, V):
     """(BK, BV, NK, NV) of a config: blocks clamped to the padded head dims."""
     BK = min(cfg.kw.get("BK", 1 << 30), _pow2(K))
     BV = min(cfg.kw["BV"], _pow2(V))
-    return BK, BV, triton.cdiv(K, BK), triton.cdiv(V, BV)
+    return BK, BV, cdiv(K, BK), cdiv(V, BV)
 
 
 def _launch_opts(cfg):

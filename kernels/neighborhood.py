@@ -26,7 +26,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
                            q_walk_store)
-from .common import descriptor_scratch, empty, pow2
+from .common import cdiv, descriptor_scratch, empty, pow2
 
 __all__ = ["na_fwd", "na_bwd", "compile_specs"]
 
@@ -366,7 +366,7 @@ def _tma(cfg) -> bool:
 def _grid(geom, cfg, prefix, rows):
     """(tiles of the longest dilation group, dilation groups, rows) and the tiles per dim."""
     n, _, _, d, _ = geom
-    nt = [triton.cdiv(triton.cdiv(n[i], d[i]), cfg.kw[f"{prefix}{i}"]) for i in range(3)]
+    nt = [cdiv(cdiv(n[i], d[i]), cfg.kw[f"{prefix}{i}"]) for i in range(3)]
     return (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], rows), nt
 
 

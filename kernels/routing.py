@@ -54,7 +54,7 @@ from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
 from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init,
                            q_walk_step, q_walk_store)
-from .common import empty, pow2
+from .common import cdiv, empty, pow2
 
 __all__ = ["routing_attention", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
@@ -325,26 +325,26 @@ SELECT_MAX_REGIONS = 256  # a select program holds [16, pow2(R)] affinities; abo
 
 def route_regions(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry, topk: int,
                   per_head: bool = False) -> torch.Tensor:
-    """Steps 2-3 of the reference (region means, affinity, stable top-k) for q, k ``[B, N, H, D]``
-    contiguous: int32 ``[B, HR, R, topk]`` (HR = H per head, else 1). Two launches (pooling, then
+    """Steps 2-3 of the reference (region means, affinity, stable top-k) for q, k ``[B, *spatial, H,
+    D]`` contiguous (laid out as ``[B, N, H, D]``): int32 ``[B, HR, R, topk]`` (HR = H per head, else 1). Two launches (pooling, then
     affinity and top-k) where the torch ops of ``reference.route`` take seven: at BiFormer's small
     stages routing is paid in host time per op. The same choice as the reference up to rounding
     (fp32 sums in another order): a near tie may resolve the other way. More than
     SELECT_MAX_REGIONS regions: the reference's torch ops."""
-    B, _, H, D = q.shape
+    B, H, D = _dims(q)
     if pow2(g.R) > SELECT_MAX_REGIONS:
-        idx = _ref.route(q, k, g, topk, per_head)
+        idx = _ref.route(q.reshape(B, g.N, H, D), k.reshape(B, g.N, H, D), g, topk, per_head)
         return (idx if per_head else idx[:, None]).to(torch.int32).contiguous()
     HD, HR = H * D, (H if per_head else 1)
     means = empty((B, g.R, 2, HD), torch.float32, q.device)
     cfg = spaces.ROUTING_POOL.default(())
-    _pool_kernel[(g.R, triton.cdiv(HD, POOL_CHANNELS), B)](
+    _pool_kernel[(g.R, cdiv(HD, POOL_CHANNELS), B)](
         q, k, means, region_table(g, q.device), g.N, g.n2, g.r2, g.RT, HD, BT=POOL_TOKENS, BC=POOL_CHANNELS,
         PADDED=g.padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     idx = torch.empty((B, HR, g.R, topk), dtype=torch.int32, device=q.device)
     BK = max(16, pow2(g.R))
     cfg = spaces.ROUTING_SELECT.default((BK,))
-    _select_kernel[(triton.cdiv(g.R, SELECT_ROWS), B * HR)](
+    _select_kernel[(cdiv(g.R, SELECT_ROWS), B * HR)](
         means, idx, g.R, HD, D if per_head else HD, HR, topk, BQ=SELECT_ROWS, BK=BK, BC=SELECT_CHANNELS,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return idx
@@ -386,16 +386,22 @@ def _bucket(q, g, topk):
     return (str(q.dtype).replace("torch.", ""), q.shape[-1], region_class(g.RT), walk_class(topk, g.RT))
 
 
+def _dims(q):
+    """(B, H, D) of a ``[B, *spatial, H, D]`` tensor: the launchers take the caller's shape as is
+    (contiguous, it is laid out as ``[B, N, H, D]``), so autograd records no reshapes around them."""
+    return q.shape[0], q.shape[-2], q.shape[-1]
+
+
 def _wide(q) -> bool:
     """Whether a walk's row offsets within one batch element (N H D elements) need int64."""
-    return q.shape[1] * q.shape[2] * q.shape[3] >= 2 ** 31
+    return q.numel() // q.shape[0] >= 2 ** 31
 
 
 def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
-    B, _, H, D = q.shape
+    B, H, D = _dims(q)
     HR, topk = idx.shape[1], idx.shape[-1]
     BM = cfg.kw["BM"]
-    nqt = triton.cdiv(g.RT, BM)
+    nqt = cdiv(g.RT, BM)
     grid = (g.R * nqt, B * H)
     return _route_q_kernel[grid](
         q, k, v, o, lse, do, delta, dq, idx, *_geom_args(g, q.device), H, topk, HR * g.R * topk,
@@ -405,7 +411,8 @@ def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
 
 
 def route_fwd(q, k, v, idx, g, scale):
-    """q, k, v ``[B, N, H, D]`` contiguous, idx int32 ``[B, HR, R, topk]`` -> (o, lse [B, N, H] fp32)."""
+    """q, k, v ``[B, *spatial, H, D]`` contiguous, idx int32 ``[B, HR, R, topk]`` -> (o in q's shape,
+    lse ``[B, *spatial, H]`` fp32)."""
     o = empty(q.shape, q.dtype, q.device)
     lse = empty(q.shape[:-1], torch.float32, q.device)
 
@@ -418,7 +425,7 @@ def route_fwd(q, k, v, idx, g, scale):
 
 
 def route_bwd(q, k, v, o, lse, do, idx, g, scale):
-    B, _, H, D = q.shape
+    B, H, D = _dims(q)
     HR = idx.shape[1]
     delta = bwd_delta_buffer(lse)
     dq = empty(q.shape, q.dtype, q.device)
@@ -432,7 +439,7 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
 
     def launch_dkdv(cfg):
         BN = cfg.kw["BN"]
-        nkt = triton.cdiv(g.RT, BN)
+        nkt = cdiv(g.RT, BN)
         return _route_kv_kernel[(g.R * nkt, B * H)](
             q, k, v, lse, do, delta, dk, dv, cnt, inv, *_geom_args(g, q.device), H, HR * g.R, g.R if HR > 1 else 0,
             g.R, nkt, scale * LOG2E, scale, D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=BN, PREC=precision(q.dtype),
@@ -449,18 +456,15 @@ def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: flo
     """The Triton path of ``subquad.bilevel_routing_attention`` on validated inputs: routing by
     ``route_regions`` (or the caller's), then the kernels. Returns (o in q's shape, the routing:
     int32 ``[B, R, topk]`` shared / ``[B, H, R, topk]`` per head, or the caller's tensor)."""
-    spatial = tuple(q.shape[1:-2])
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
-    g = _ref.region_geometry(spatial, num_regions)
-    q3, k3, v3 = (x.reshape(B, g.N, H, D).contiguous() for x in (q, k, v))
+    g = _ref.region_geometry(tuple(q.shape[1:-2]), num_regions)
+    q, k, v = (x.contiguous() for x in (q, k, v))  # no copy (and no autograd node) when they are
     if isinstance(routing, str):
-        idx = route_regions(q3, k3, g, topk, routing == "per_head")
+        idx = route_regions(q, k, g, topk, routing == "per_head")
         out_idx = idx if routing == "per_head" else idx[:, 0]
     else:
         out_idx = routing
         idx = (routing if routing.dim() == 4 else routing[:, None]).to(torch.int32).contiguous()
-    o = block_sparse_attention(q3, k3, v3, route_fwd, route_bwd, idx, g, scale)
-    return o.reshape(q.shape), out_idx
+    return block_sparse_attention(q, k, v, route_fwd, route_bwd, idx, g, scale), out_idx
 
 
 def compile_specs(dtype: str, K: int, V: int):
