@@ -44,3 +44,15 @@ def test_gather_baseline_matches_subquad():
         q, k, v, _ = rb.make_inputs(case, torch.float32, "cpu", seed=3)
         outs.append(attn(q, k, v))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+
+
+def test_host_stub_times_the_host_path_and_restores_the_kernels(capsys):
+    """bench/host_stub.py (routing's host work with the launches stubbed, on meta tensors) runs on
+    any machine and puts the real kernels back afterwards."""
+    from bench import host_stub
+    from subquad.kernels import routing as K
+
+    before = {name: getattr(K, name) for name in host_stub.KERNELS}
+    host_stub.main(["s3-14x14"])
+    assert "s3-14x14: forward (no autograd)" in capsys.readouterr().out
+    assert {name: getattr(K, name) for name in host_stub.KERNELS} == before
