@@ -6,18 +6,13 @@ import os
 
 import torch
 
-from ..autotune.spaces import pow2  # noqa: F401  (re-exported for the launchers)
+from ..autotune.spaces import next_pow2, pow2  # noqa: F401  (re-exported for the launchers)
 
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launchers. Not ``triton.cdiv``: since triton 3.5 that is a constexpr_function,
     whose wrapper costs ~5 us a call on the host (triton 3.6), where small launches are host-bound."""
     return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    """The next power of two >= n (n >= 1); ``triton.next_power_of_2`` costs ~5 us a call, as cdiv."""
-    return 1 << (int(n) - 1).bit_length()
 
 
 # Read once: an environment lookup costs ~2 us, and a routing fwd+bwd allocates ten buffers on a

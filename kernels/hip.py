@@ -730,7 +730,7 @@ def select_meta(D: int, topk: int, block_size_q: int, block_size_k: int, query_s
     """The kernel's block constexprs for a problem and a config's keys-per-dot NR (fp32: the dots
     run on FMA units, DC = 16 columns at a time)."""
     kb = cdiv(topk, block_size_k)
-    kbp = max(16, next_pow2(kb))
+    kbp = pow2(kb)
     bkp = next_pow2(block_size_k)
     ch = max(1, min(kbp, NR // (2 * bkp)))
     bd = pow2(D)

@@ -326,11 +326,11 @@ SELECT_MAX_REGIONS = 256  # a select program holds [16, pow2(R)] affinities; abo
 def route_regions(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry, topk: int,
                   per_head: bool = False) -> torch.Tensor:
     """Steps 2-3 of the reference (region means, affinity, stable top-k) for q, k ``[B, *spatial, H,
-    D]`` contiguous (laid out as ``[B, N, H, D]``): int32 ``[B, HR, R, topk]`` (HR = H per head, else 1). Two launches (pooling, then
-    affinity and top-k) where the torch ops of ``reference.route`` take seven: at BiFormer's small
-    stages routing is paid in host time per op. The same choice as the reference up to rounding
-    (fp32 sums in another order): a near tie may resolve the other way. More than
-    SELECT_MAX_REGIONS regions: the reference's torch ops."""
+    D]`` contiguous (laid out as ``[B, N, H, D]``): int32 ``[B, HR, R, topk]`` (HR = H per head, else
+    1). Two launches (pooling, then affinity and top-k) where the torch ops of ``reference.route``
+    take seven: at BiFormer's small stages routing is paid in host time per op. The same choice as
+    the reference up to rounding (fp32 sums in another order): a near tie may resolve the other
+    way. More than SELECT_MAX_REGIONS regions: the reference's torch ops."""
     B, H, D = _dims(q)
     if pow2(g.R) > SELECT_MAX_REGIONS:
         idx = _ref.route(q.reshape(B, g.N, H, D), k.reshape(B, g.N, H, D), g, topk, per_head)
@@ -342,7 +342,7 @@ def route_regions(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry, topk
         q, k, means, region_table(g, q.device), g.N, g.n2, g.r2, g.RT, HD, BT=POOL_TOKENS, BC=POOL_CHANNELS,
         PADDED=g.padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     idx = torch.empty((B, HR, g.R, topk), dtype=torch.int32, device=q.device)
-    BK = max(16, pow2(g.R))
+    BK = pow2(g.R)
     cfg = spaces.ROUTING_SELECT.default((BK,))
     _select_kernel[(cdiv(g.R, SELECT_ROWS), B * HR)](
         means, idx, g.R, HD, D if per_head else HD, HR, topk, BQ=SELECT_ROWS, BK=BK, BC=SELECT_CHANNELS,
