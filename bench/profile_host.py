@@ -7,10 +7,12 @@ when the two are close, the case is bound by Python and launch overhead, not by 
 For routing, the host time is also cut into its parts, each timed alone without the profiler (whose
 own overhead inflates small ops several times over): one torch op and one bare Triton launch on
 this host, the routing ops, the forward and backward launchers called directly, and what autograd
-adds. Then torch.profiler tables (GPU time per kernel, CPU time per op). The output of one run is
+adds, and the backward launcher run where autograd runs it (its CUDA device thread) against the
+main thread. Then torch.profiler tables (GPU time per kernel, CPU time per op). The output of one run is
 kept in bench/results/<gpu>/profile-*.log."""
 
 import sys
+import threading
 import time
 
 import torch
@@ -78,6 +80,59 @@ def routing_parts(q, k, v, do, S, topk):
                                                                                         topk=topk))
 
 
+class _Probe(torch.autograd.Function):
+    """An identity op whose backward runs ``ctx.work()`` and adds its host time to ``ctx.log``: what
+    a call costs on autograd's CUDA device thread, where every backward runs."""
+
+    @staticmethod
+    def forward(ctx, x, work, log):
+        ctx.work, ctx.log = work, log
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        t0 = time.perf_counter()
+        ctx.work()
+        ctx.log.append(time.perf_counter() - t0)
+        return g, None, None
+
+
+def backward_thread(q, k, v, do, S, topk, n=30):
+    """Where the backward's host time goes: the fwd+bwd host time minus the forward's is several
+    times the backward launcher's own when called directly (H200 at 3a01d05: ~0.84 vs 0.16-0.22
+    ms). Times the launcher on the main thread, on a Python worker thread, and inside a backward
+    (autograd's device thread), and a backward that does nothing (the engine's own cost)."""
+    B, side, _, H, D = q.shape
+    g = R.region_geometry((side, side), (S, S))
+    q3, k3, v3 = (x.detach() for x in (q, k, v))
+    scale = D ** -0.5
+    idx = K.route_regions(q3, k3, g, topk)
+    o, lse = K.route_fwd(q3, k3, v3, idx, g, scale)
+    work = lambda: K.route_bwd(q3, k3, v3, o, lse, do.detach(), idx, g, scale)  # noqa: E731
+    x = torch.zeros(8, device=q.device, requires_grad=True)
+    g1 = torch.ones(8, device=q.device)
+    for name, fn in (("nothing", lambda: None), ("route_bwd", work)):
+        log = []
+        report(f"  autograd backward running {name}: fwd+bwd of an identity op",
+               lambda: _Probe.apply(x, fn, log).backward(g1), n=n)
+        print(f"    of which {name} itself on the device thread {sum(log[-n:]) / n * 1e3:.3f} ms")
+    report("  route_bwd on the main thread", work, n=n)
+    out = {}
+
+    def worker():
+        work()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            work()
+        out["t"] = (time.perf_counter() - t0) / n
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    torch.cuda.synchronize()
+    print(f"  route_bwd on a Python worker thread host {out['t'] * 1e3:.3f} ms")
+
+
 def tables(fn, rows=18):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(5):
@@ -104,6 +159,7 @@ def main():
         report(f"{name} fwd", fwd)
         report(f"{name} fwd+bwd", fwd_bwd)
         routing_parts(q, k, v, do, S, topk)
+        backward_thread(q, k, v, do, S, topk)
         tables(fwd_bwd)
 
     q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
