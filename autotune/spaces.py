@@ -93,8 +93,9 @@ LIGHTNING_BWD_DKDV = Tuner(
 
 # Neighborhood attention; bucket = (dtype name, head dim, spatial rank). Tiles are boxes
 # TQ0 x TQ1 x TQ2 (queries) and TK0 x TK1 x TK2 (keys); lower ranks use leading 1s.
-def _na(w, st, tq, tk, tma=False):
-    rank = 3 - sum(1 for x in tq[:2] if x == 1)  # R: the spatial rank the tile shape is made for
+def _na(w, st, tq, tk, tma=False, rank=None):
+    if rank is None:  # R: the spatial rank the tile shape is made for (by default: from the query box)
+        rank = 3 - sum(1 for x in tq[:2] if x == 1)
     kw = {"R": rank, **{f"TQ{i}": x for i, x in enumerate(tq)}, **{f"TK{i}": x for i, x in enumerate(tk)}}
     return Config({**kw, "TMA": 1} if tma else kw, w, st)
 
@@ -195,6 +196,19 @@ _NA_KV_SPACE = [
     # tiles at 2 or 3 stages 11.2-11.6 vs 10.3), nor for 32-row query tiles in 2-D / 3-D: dropped.
     _na(8, 2, (1, 8, 8), (1, 8, 8)),
     _na(8, 2, (4, 4, 4), (4, 4, 4)),
+    # 128-row KV tiles (each warpgroup's products M = 64) with 32-row query tiles, the shape of
+    # FA2's and Triton's tutorial dK/dV (untimed). sm_90, fp16, D=128: SASS instructions of a step
+    # x visited tile pairs on the issue's strided cases, against the H200's picks at 22cfff5:
+    # 1-D 321 x 16384 (no spill) vs 472 x 16384; 2-D 405 x 102400 (s2, no spill) vs 668 x 102400;
+    # 3-D 366 x 291600 (2x4x4 queries) and 350 x 204800 (1x4x8: a one-plane query box, rank 3
+    # given) vs 680 x 345600
+    _na(8, 1, (1, 1, 32), (1, 1, 128)),
+    _na(8, 2, (1, 1, 32), (1, 1, 128)),
+    _na(8, 2, (1, 4, 8), (1, 16, 8)),
+    _na(8, 1, (1, 4, 8), (1, 16, 8)),
+    _na(8, 1, (2, 4, 4), (2, 8, 8)),
+    _na(8, 1, (1, 4, 8), (2, 8, 8), rank=3),
+    _na(8, 2, (1, 4, 8), (2, 8, 8), rank=3),
 ]
 
 NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))

@@ -273,9 +273,10 @@ def _na_kv_kernel(
     D: tl.constexpr, BD: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, R: tl.constexpr,
 ):
     """dK, dV of one KV tile (of one KV head), over the query tiles and query heads that use it.
+    R: the spatial rank (dims before the last R have one position: every tile is full there).
     (No TMA variant: with its unpipelined loop, loading q and dO through descriptors made the step
     longer in the static count, 471 -> 504 instructions at 1-D 32x32.)"""
     BN: tl.constexpr = TK0 * TK1 * TK2
@@ -325,9 +326,9 @@ def _na_kv_kernel(
             delta = tl.load(DELTA + stat0 + q_tok, mask=q_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
             full = (fl2 <= qt2) & (qt2 <= fh2)
-            if TQ1 > 1:  # a config's tiles span one position only in the dims its rank lacks (n = 1)
+            if R >= 2:
                 full = full & (fl1 <= qt1) & (qt1 <= fh1)
-            if TQ0 > 1:
+            if R >= 3:
                 full = full & (fl0 <= qt0) & (qt0 <= fh0)
             if not full:
                 st0, en0 = _window(qt0 * TQ0 + ql0, ng0, k0, s0, c0)
@@ -415,12 +416,12 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
         return _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd=True)
 
     def launch_dkdv(cfg):
-        if any(cfg.kw[f"TQ{i}"] == 1 and n[i] > 1 for i in (0, 1)):  # its full-tile test skips such dims
+        if cfg.kw["R"] != rank:  # its full-tile test skips the dims before the last R
             raise RuntimeError(f"subquad: dK/dV config {cfg.name()} does not fit a rank-{rank} input")
         grid, nt = _grid(geom, cfg, "TK", B * Hkv)
         return _na_kv_kernel[grid](
             q, k, v, lse, do, delta, dk, dv, *_geom_args(geom), H, H // Hkv, nt[1], nt[2], max(n).bit_length(),
-            scale * LOG2E, scale, D=D, BD=pow2(D), **_tile_kw(cfg), PREC=precision(q.dtype),
+            scale * LOG2E, scale, D=D, BD=pow2(D), **_tile_kw(cfg), PREC=precision(q.dtype), R=cfg.kw["R"],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = spaces.NEIGHBORHOOD_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
@@ -453,4 +454,4 @@ def compile_specs(dtype: str, K: int, V: int):
     kv_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK=x, DV=x, **ints, nbits="i32", qk_scale="fp32",
                   scale="fp32")
     yield (spaces.NEIGHBORHOOD_BWD_DKDV, _na_kv_kernel, kv_sig,
-           lambda c: dict(D=K, BD=pow2(K), PREC=prec, **_tile_kw(c)), buckets, units)
+           lambda c: dict(D=K, BD=pow2(K), PREC=prec, R=c.kw["R"], **_tile_kw(c)), buckets, units)
