@@ -20,9 +20,16 @@ dQ and dK are returned unscaled: multiply by ``scale`` once.
 Counts per visited (query tile BM, KV tile BN) pair at head dim D: forward 4 BM BN D FLOPs
 (QK^T, PV); backward 8 BM BN D for dK/dV (QK^T recompute, P^T dO, V dO^T, dS^T Q) + 6 BM BN D
 for dQ (QK^T, dO V^T, dS K); K/V bytes per visit 2 BN D x itemsize.
+
+A family plugs in as a ``Family`` (its launchers and how their arguments cross a custom op) and
+calls ``block_sparse_attention``: eager, an autograd Function; under torch.compile, the custom ops
+``subquad::block_sparse_fwd`` / ``subquad::block_sparse_bwd``, so a compiled model has no graph
+break at the op and can be replayed from a CUDA graph.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 import triton
@@ -31,7 +38,8 @@ import triton.language as tl
 from .common import empty
 
 __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
-           "q_walk_store", "BlockSparseFunction", "block_sparse_attention", "bwd_delta_buffer", "precision", "LOG2E"]
+           "q_walk_store", "Family", "register_family", "BlockSparseFunction", "block_sparse_attention",
+           "bwd_delta_buffer", "precision", "LOG2E"]
 
 
 @triton.jit
@@ -137,17 +145,39 @@ def q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_
 _TABLE = object()  # marks where a saved tensor goes back into meta
 
 
+class Family(NamedTuple):
+    """A family's launchers, ``fwd(q, k, v, *meta) -> (o, lse)`` and ``bwd(q, k, v, o, lse, do, *meta)
+    -> (dq, dk, dv)``, and how its ``meta`` crosses a torch custom op under ``torch.compile``:
+    ``encode(*meta) -> (tables, ints, scale)`` (index tensors, integers, the softmax scale),
+    ``decode(tables, ints, scale) -> meta``; ``lse_shape(q, ints)`` is the shape of its fp32 lse."""
+
+    name: str
+    fwd: Callable
+    bwd: Callable
+    encode: Callable
+    decode: Callable
+    lse_shape: Callable
+
+
+_FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Makes ``family`` callable through the ``subquad::block_sparse_*`` custom ops (by its name)."""
+    _FAMILIES[family.name] = family
+    return family
+
+
 class BlockSparseFunction(torch.autograd.Function):
-    """The autograd op of every block-sparse family: ``apply(q, k, v, fwd, bwd, *meta) -> o`` with the
-    family's launchers ``fwd(q, k, v, *meta) -> (o, lse)`` and ``bwd(q, k, v, o, lse, do, *meta) ->
-    (dq, dk, dv)``. ``meta`` (tile tables, geometry, scale) is not differentiable; its tensors (index
-    tables) are saved for the backward like q, k, v. Call it through ``block_sparse_attention``."""
+    """The eager autograd op of every block-sparse family: ``apply(q, k, v, family, *meta) -> o``.
+    ``meta`` (tile tables, geometry, scale) is not differentiable; its tensors (index tables) are
+    saved for the backward like q, k, v. Call it through ``block_sparse_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fwd, bwd, *meta):
-        o, lse = fwd(q, k, v, *meta)
+    def forward(ctx, q, k, v, family, *meta):
+        o, lse = family.fwd(q, k, v, *meta)
         ctx.save_for_backward(q, k, v, o, lse, *[m for m in meta if torch.is_tensor(m)])
-        ctx.bwd = bwd
+        ctx.bwd = family.bwd
         ctx.meta = [_TABLE if torch.is_tensor(m) else m for m in meta]
         return o
 
@@ -157,16 +187,67 @@ class BlockSparseFunction(torch.autograd.Function):
         tables = iter(tables)
         meta = [next(tables) if m is _TABLE else m for m in ctx.meta]
         dq, dk, dv = ctx.bwd(q, k, v, o, lse, do.contiguous(), *meta)
-        return (dq, dk, dv, None, None) + (None,) * len(meta)
+        return (dq, dk, dv, None) + (None,) * len(meta)
 
 
-def block_sparse_attention(q, k, v, fwd, bwd, *meta) -> torch.Tensor:
-    """``BlockSparseFunction.apply`` when a gradient can flow, else the forward launcher alone:
-    inference (decoding above all) is bound by host time, and autograd's bookkeeping is a good
-    part of it (the kernels of a HiP decoding step take ~14 us on an H200)."""
+# Under torch.compile the op is two custom ops, opaque to the compiler (it would otherwise trace
+# the launchers' Python: tuner, caches, Triton launches) and free of graph breaks, so a compiled
+# model keeps one graph and mode="reduce-overhead" can replay it from a CUDA graph (the small
+# routing stages are bound by eager host time). Eager calls keep BlockSparseFunction: a custom op's
+# dispatch costs more host time per call.
+@torch.library.custom_op("subquad::block_sparse_fwd", mutates_args=())
+def _fwd_op(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: List[torch.Tensor],
+            ints: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    fam = _FAMILIES[family]
+    return fam.fwd(q, k, v, *fam.decode(tables, ints, scale))
+
+
+@_fwd_op.register_fake
+def _fwd_fake(family, q, k, v, tables, ints, scale):
+    return q.new_empty(q.shape), q.new_empty(_FAMILIES[family].lse_shape(q, ints), dtype=torch.float32)
+
+
+@torch.library.custom_op("subquad::block_sparse_bwd", mutates_args=())
+def _bwd_op(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            do: torch.Tensor, tables: List[torch.Tensor], ints: List[int],
+            scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fam = _FAMILIES[family]
+    return fam.bwd(q, k, v, o, lse, do.contiguous(), *fam.decode(tables, ints, scale))
+
+
+@_bwd_op.register_fake
+def _bwd_fake(family, q, k, v, o, lse, do, tables, ints, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _op_setup(ctx, inputs, output):
+    family, q, k, v, tables, ints, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, *tables)
+    ctx.args = (family, ints, scale)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx, do, _dlse):
+    q, k, v, o, lse, *tables = ctx.saved_tensors
+    family, ints, scale = ctx.args
+    dq, dk, dv = _bwd_op(family, q, k, v, o, lse, do, tables, ints, scale)
+    return None, dq, dk, dv, [None] * len(tables), None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def block_sparse_attention(q, k, v, family: Family, *meta) -> torch.Tensor:
+    """The attention of a registered family. Eager: ``BlockSparseFunction.apply`` when a gradient
+    can flow, else the forward launcher alone (inference, decoding above all, is bound by host
+    time, and autograd's bookkeeping is a good part of it: the kernels of a HiP decoding step take
+    ~14 us on an H200). Under torch.compile: the ``subquad::block_sparse_fwd`` custom op."""
+    if torch.compiler.is_compiling():
+        tables, ints, scale = family.encode(*meta)
+        return _fwd_op(family.name, q, k, v, list(tables), list(ints), float(scale))[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return BlockSparseFunction.apply(q, k, v, fwd, bwd, *meta)
-    return fwd(q, k, v, *meta)[0]
+        return BlockSparseFunction.apply(q, k, v, family, *meta)
+    return family.fwd(q, k, v, *meta)[0]
 
 
 def bwd_delta_buffer(lse: torch.Tensor) -> torch.Tensor:

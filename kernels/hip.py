@@ -80,8 +80,8 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init,
-                           q_walk_step, q_walk_store)
+from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision,
+                           q_walk_init, q_walk_step, q_walk_store, register_family)
 from .common import POISON, cdiv, empty, next_pow2, pow2
 
 __all__ = ["hip_sparse_attention", "hip_fwd", "hip_bwd", "hip_select_blocks", "select_meta",
@@ -503,8 +503,15 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
     assert B * Hkv <= 65535, "batch x kv heads exceeds the grid limit"
     scale = D ** -0.5 if scale is None else float(scale)
     geom = (int(block_size_q), int(block_size_k), int(sink_tokens), int(window))
-    return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), hip_fwd, hip_bwd,
-                                     blocks.contiguous(), geom, scale)
+    return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), HIP, blocks.contiguous(), geom,
+                                  scale)
+
+
+HIP = register_family(Family(
+    "hip", hip_fwd, hip_bwd,
+    encode=lambda blocks, geom, scale: ([blocks], list(geom), scale),
+    decode=lambda tables, ints, scale: (tables[0], tuple(ints), scale),
+    lse_shape=lambda q, ints: q.shape[:3]))
 
 
 def compile_specs(dtype: str, K: int, V: int):
@@ -779,6 +786,20 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     for qb0 in range(0, nqb, wave):
         launch(cfg, qb0)
     return blocks
+
+
+@torch.library.custom_op("subquad::hip_select_blocks", mutates_args=())
+def select_op(q: torch.Tensor, k: torch.Tensor, topk: int, block_size_q: int, block_size_k: int, query_stride: int,
+              sink_tokens: int, window: int) -> torch.Tensor:
+    """``hip_select_blocks`` as a custom op: what torch.compile sees of it (see ``block_sparse``)."""
+    return hip_select_blocks(q, k, topk=topk, block_size_q=block_size_q, block_size_k=block_size_k,
+                             query_stride=query_stride, sink_tokens=sink_tokens, window=window)
+
+
+@select_op.register_fake
+def _select_fake(q, k, topk, block_size_q, block_size_k, query_stride, sink_tokens, window):
+    return q.new_empty((q.shape[0], q.shape[2], cdiv(q.shape[1], block_size_q), cdiv(topk, block_size_k)),
+                       dtype=torch.int32)
 
 
 def _select_compile_specs(dtype: str, K: int, V: int):

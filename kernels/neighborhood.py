@@ -24,11 +24,11 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .block_sparse import (LOG2E, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
-                           q_walk_store)
+from .block_sparse import (LOG2E, Family, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
+                           q_walk_store, register_family)
 from .common import cdiv, descriptor_scratch, empty, pow2
 
-__all__ = ["na_fwd", "na_bwd", "compile_specs"]
+__all__ = ["NEIGHBORHOOD", "na_fwd", "na_bwd", "compile_specs"]
 
 
 @triton.jit
@@ -429,6 +429,21 @@ def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
     cfg = spaces.NEIGHBORHOOD_BWD_DKDV.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dkdv(c)))
     launch_dkdv(cfg)
     return dq, dk, dv
+
+
+def _encode(geom, rank, scale):
+    n, k, s, d, c = geom
+    return [], [*n, *k, *s, *d, *(int(x) for x in c), rank], scale  # 5 x 3 geometry values, the rank
+
+
+def _decode(tables, ints, scale):
+    n, k, s, d, c = (tuple(ints[i:i + 3]) for i in range(0, 15, 3))
+    return (n, k, s, d, tuple(bool(x) for x in c)), ints[15], scale
+
+
+NEIGHBORHOOD = register_family(Family(
+    "neighborhood", na_fwd, na_bwd, _encode, _decode,
+    lse_shape=lambda q, ints: (q.shape[0], q.shape[-2], ints[0] * ints[1] * ints[2])))
 
 
 def compile_specs(dtype: str, K: int, V: int):

@@ -44,7 +44,7 @@ routed regions), 2.5x that for the backward.
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -52,11 +52,11 @@ import triton.language as tl
 
 from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
-from .block_sparse import (LOG2E, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init,
-                           q_walk_step, q_walk_store)
+from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision,
+                           q_walk_init, q_walk_step, q_walk_store, register_family)
 from .common import cdiv, empty, pow2
 
-__all__ = ["routing_attention", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
+__all__ = ["ROUTING", "routing_attention", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
 
 
@@ -452,6 +452,25 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
     return dq, dk, dv
 
 
+ROUTING = register_family(Family(
+    "routing", route_fwd, route_bwd,
+    encode=lambda idx, g, scale: ([idx], list(g), scale),
+    decode=lambda tables, ints, scale: (tables[0], _ref.RegionGeometry(*ints), scale),
+    lse_shape=lambda q, ints: q.shape[:-1]))
+
+
+@torch.library.custom_op("subquad::route_regions", mutates_args=())
+def _route_op(q: torch.Tensor, k: torch.Tensor, geometry: List[int], topk: int, per_head: bool) -> torch.Tensor:
+    """``route_regions`` as a custom op: what torch.compile sees of it (see ``block_sparse``)."""
+    return route_regions(q, k, _ref.RegionGeometry(*geometry), topk, per_head)
+
+
+@_route_op.register_fake
+def _route_fake(q, k, geometry, topk, per_head):
+    R = _ref.RegionGeometry(*geometry).R
+    return q.new_empty((q.shape[0], q.shape[-2] if per_head else 1, R, topk), dtype=torch.int32)
+
+
 def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: float, routing):
     """The Triton path of ``subquad.bilevel_routing_attention`` on validated inputs: routing by
     ``route_regions`` (or the caller's), then the kernels. Returns (o in q's shape, the routing:
@@ -459,12 +478,15 @@ def routing_attention(q, k, v, num_regions: Sequence[int], topk: int, scale: flo
     g = _ref.region_geometry(tuple(q.shape[1:-2]), num_regions)
     q, k, v = (x.contiguous() for x in (q, k, v))  # no copy (and no autograd node) when they are
     if isinstance(routing, str):
-        idx = route_regions(q, k, g, topk, routing == "per_head")
+        if torch.compiler.is_compiling():  # routing is not differentiable: the op sees no autograd
+            idx = _route_op(q.detach(), k.detach(), list(g), topk, routing == "per_head")
+        else:
+            idx = route_regions(q, k, g, topk, routing == "per_head")
         out_idx = idx if routing == "per_head" else idx[:, 0]
     else:
         out_idx = routing
         idx = (routing if routing.dim() == 4 else routing[:, None]).to(torch.int32).contiguous()
-    return block_sparse_attention(q, k, v, route_fwd, route_bwd, idx, g, scale), out_idx
+    return block_sparse_attention(q, k, v, ROUTING, idx, g, scale), out_idx
 
 
 def compile_specs(dtype: str, K: int, V: int):

@@ -146,7 +146,10 @@ def _check_triton(B: int, H: int, D: int, p: dict) -> None:
 def _select(q, k, p: dict, backend: str) -> torch.Tensor:
     with torch.no_grad():
         if backend == "triton":
-            from .kernels.hip import hip_select_blocks
+            from .kernels.hip import hip_select_blocks, select_op
+            if torch.compiler.is_compiling():
+                args = [p[n] for n in ("topk", "block_size_q", "block_size_k", "query_stride", "sink_tokens", "window")]
+                return select_op(q.detach(), k.detach(), *args)
             return hip_select_blocks(q.detach(), k.detach(), **p)
         return _ref.select_blocks(q.detach(), k.detach(), **p)
 

@@ -33,7 +33,7 @@ def _check_decay_values(decay: torch.Tensor) -> None:
         _CHECKED_DECAYS.popitem(last=False)
 
 
-def _check_cu_seqlens(cu_seqlens, B: int, T: int):
+def _check_cu_seqlens(cu_seqlens, B: int, T: int, values: bool = True):
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -42,6 +42,11 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int):
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if B != 1:
         raise ValueError(f"cu_seqlens requires batch size B == 1 (sequences packed along T), got B={B}")
+    if values:
+        _check_cu_values(cu_seqlens, T)
+
+
+def _check_cu_values(cu_seqlens, T: int):
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
@@ -92,6 +97,7 @@ def lightning_attention(
     with no padding to a chunk. Gradients flow to q, k, v, initial_state, and through
     final_state when it is used in the loss.
     """
+    compiling = torch.compiler.is_compiling()
     check_tensor("q", q, rank=4)
     check_tensor("k", k, rank=4)
     check_tensor("v", v, rank=4)
@@ -119,10 +125,11 @@ def lightning_attention(
                              "(pass decay.detach())")
         if decay.device != q.device:
             raise ValueError(f"decay must be on q's device ({q.device}), got {decay.device}")
-        _check_decay_values(decay)
+        if not compiling:  # value checks read the tensor: under torch.compile the op makes them
+            _check_decay_values(decay)
     N = B
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T)
+        _check_cu_seqlens(cu_seqlens, B, T, values=not compiling)
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
         check_tensor("initial_state", initial_state, rank=4, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
@@ -146,9 +153,78 @@ def lightning_attention(
     if backend == "reference":
         return _ref.lightning_attention(q, k, v, dec, scale, s0, output_final_state, cu_seqlens)
 
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), None if dec is None else dec.contiguous(),
+            None if s0 is None else s0.contiguous(), cu, scale, output_final_state)
+    if compiling:
+        o, final = _fwd_op(*args)
+        return o, (final if output_final_state else None)
     from .kernels.lightning import LightningAttentionFunction
 
-    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return LightningAttentionFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), None if dec is None else dec.contiguous(),
-        None if s0 is None else s0.contiguous(), cu, scale, output_final_state)
+    return LightningAttentionFunction.apply(*args)
+
+
+# Under torch.compile the Triton path is two custom ops, opaque to the compiler and free of graph
+# breaks (see ``subquad.kernels.block_sparse``); eager calls keep LightningAttentionFunction. The
+# forward op makes the value checks that the traced code cannot (they read the tensors). A custom
+# op returns tensors only: an absent final state / state gradient is an empty tensor.
+@torch.library.custom_op("subquad::lightning_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: Optional[torch.Tensor],
+            initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
+            output_final_state: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from .kernels.lightning import lightning_fwd
+
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture cannot read values: its
+        if decay is not None:                                          # warm-up call checked them
+            _check_decay_values(decay)
+        if cu_seqlens is not None:
+            _check_cu_values(cu_seqlens, q.shape[1])
+    o, final = lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
+    return o, (final if final is not None else q.new_empty(0, dtype=torch.float32))
+
+
+def _state_shape(q, v, cu_seqlens):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (N, q.shape[2], q.shape[3], v.shape[3])
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, decay, initial_state, cu_seqlens, scale, output_final_state):
+    final = _state_shape(q, v, cu_seqlens) if output_final_state else (0,)
+    return v.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(final, dtype=torch.float32)
+
+
+@torch.library.custom_op("subquad::lightning_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: Optional[torch.Tensor],
+            initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], do: torch.Tensor,
+            dfinal: Optional[torch.Tensor], scale: float,
+            need_ds0: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.lightning import lightning_bwd
+
+    dq, dk, dv, ds0 = lightning_bwd(q, k, v, decay, scale, initial_state, cu_seqlens, do, dfinal, need_ds0)
+    return dq, dk, dv, (ds0 if ds0 is not None else q.new_empty(0, dtype=torch.float32))
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, v, decay, initial_state, cu_seqlens, do, dfinal, scale, need_ds0):
+    ds0 = _state_shape(q, v, cu_seqlens) if need_ds0 else (0,)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(ds0, dtype=torch.float32)
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, decay, initial_state, cu_seqlens, scale, output_final_state = inputs
+    ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens)
+    ctx.scale = scale
+    ctx.need_ds0 = initial_state is not None and ctx.needs_input_grad[4]
+
+
+def _op_backward(ctx, do, dfinal):
+    q, k, v, decay, initial_state, cu_seqlens = ctx.saved_tensors
+    if dfinal is not None and dfinal.numel() == 0:  # no final state was returned
+        dfinal = None
+    dq, dk, dv, ds0 = _bwd_op(q, k, v, decay, initial_state, cu_seqlens, do.contiguous(),
+                              None if dfinal is None else dfinal.contiguous().float(), ctx.scale, ctx.need_ds0)
+    return dq, dk, dv, None, ds0 if ctx.need_ds0 else None, None, None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)

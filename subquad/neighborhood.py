@@ -98,7 +98,7 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
     if backend == "triton":
         check_dim("q", q.shape[-1], 16, 256, "head dim D")
         from .kernels.block_sparse import block_sparse_attention
-        from .kernels.neighborhood import na_bwd, na_fwd
+        from .kernels.neighborhood import NEIGHBORHOOD
 
         nd = len(spatial)
         pad = (1,) * (3 - nd)  # every layout runs as 3-D: leading dims of size 1, window 1
@@ -114,7 +114,7 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
         # geom: (n, kernel_size, stride, dilation, is_causal) as 3-tuples over the 3-D layout
         o = block_sparse_attention(
             q.reshape(B, *n3, H, D).contiguous(), k.reshape(B, *n3, Hkv, D).contiguous(),
-            v.reshape(B, *n3, Hkv, D).contiguous(), na_fwd, na_bwd, geom, nd, scale)
+            v.reshape(B, *n3, Hkv, D).contiguous(), NEIGHBORHOOD, geom, nd, scale)
         return o.reshape(q.shape)
     return _ref.neighborhood_attention(q, k, v, ks, ss, ds, cs, scale)
 

@@ -21,12 +21,13 @@ def test_inference_skips_autograd():
         calls.append(tag)
         return q * 2 + k + v, None
 
+    fam = block_sparse.Family("test", fwd, None, None, None, None)
     q, k, v = (randn(2, 3, 1, 4) for _ in range(3))
-    o = block_sparse.block_sparse_attention(q, k, v, fwd, None, "t")
+    o = block_sparse.block_sparse_attention(q, k, v, fam, "t")
     assert o.grad_fn is None and calls == ["t"]
     q.requires_grad_()
     with torch.no_grad():
-        assert block_sparse.block_sparse_attention(q, k, v, fwd, None, "t").grad_fn is None
+        assert block_sparse.block_sparse_attention(q, k, v, fam, "t").grad_fn is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32])
