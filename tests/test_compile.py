@@ -59,6 +59,22 @@ def test_compiled_equals_eager(name):
         assert torch.equal(x.grad, y.grad), f"d{g}: {(x.grad - y.grad).abs().max()}"
 
 
+def test_compiled_hip_decoding_reuses_a_mask():
+    """HiP decoding with a reused ``HipMask`` (and ``return_mask``) compiles to one graph too."""
+    q, kv = randn(1, 1, 2, 16, seed=1), randn(1, 64, 2, 16, seed=2)
+    mask = subquad.hip_mask(q, kv, topk=8, block_size_q=1, backend="triton")
+
+    def step(q, kv):
+        return subquad.hip_attention(q, kv, kv, topk=8, block_size_q=1, mask=mask, backend="triton")
+
+    o = step(q, kv)
+    assert torch.equal(torch.compile(step, backend="aot_eager", fullgraph=True)(q, kv), o)
+    o2, m2 = torch.compile(lambda q, kv: subquad.hip_attention(q, kv, kv, topk=8, block_size_q=1, return_mask=True,
+                                                               backend="triton"),
+                           backend="aot_eager", fullgraph=True)(q, kv)
+    assert torch.equal(o2, o) and torch.equal(m2.blocks, mask.blocks)
+
+
 def test_compiled_lightning_checks_decay_values():
     """The traced code cannot read decay's values: the compiled op checks them when it runs."""
     q = randn(1, 8, 2, 16)
