@@ -91,7 +91,7 @@ LIGHTNING_BWD_DKDV = Tuner(
 )
 
 
-# Neighborhood attention; bucket = (dtype name, head dim, spatial rank). Tiles are boxes
+# Neighborhood attention; bucket = (dtype name, head dim, spatial rank, strided). Tiles are boxes
 # TQ0 x TQ1 x TQ2 (queries) and TK0 x TK1 x TK2 (keys); lower ranks use leading 1s.
 def _na(w, st, tq, tk, tma=False, rank=None):
     if rank is None:  # R: the spatial rank the tile shape is made for (by default: from the query box)
@@ -101,7 +101,7 @@ def _na(w, st, tq, tk, tma=False, rank=None):
 
 
 def _na_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
-    dtype, D, rank = bucket
+    dtype, D, rank = bucket[:3]
     if cfg.kw["R"] != rank:
         return False
     if cfg.kw.get("TMA") and D * (4 if dtype == "float32" else 2) % 16:

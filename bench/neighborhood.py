@@ -350,13 +350,17 @@ def flops(impl: str, mode: str, case: dict, B: int, H: int, D: int) -> float:
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwdbwd": 3.5 * fwd}[mode]
 
 
-def kernel_tiles(dtype, D: int, nd: int) -> dict:
-    """The (query tile, KV tile) shapes subquad's kernels use for this (dtype, head dim, rank), from
-    the autotuner: {"fwd" | "dq" | "dkdv": {"q_tile", "kv_tile", "config", "source"}}. source is
-    "chosen" when the kernel already ran in this process (the config it ran), else "default"."""
+def kernel_tiles(dtype, D: int, case: dict) -> dict:
+    """The (query tile, KV tile) shapes subquad's kernels use for this case's tuner bucket (dtype,
+    head dim, rank, strided), from the autotuner: {"fwd" | "dq" | "dkdv": {"q_tile", "kv_tile",
+    "config", "source"}}. source is "chosen" when the kernel already ran in this process (the config
+    it ran), else "default"."""
     from subquad.autotune import spaces
+    from subquad.kernels.neighborhood import tuner_bucket
 
-    bucket = (str(dtype).replace("torch.", ""), D, nd)
+    c = _norm(case)
+    nd = len(c["shape"])
+    bucket = tuner_bucket(dtype, D, nd, c["stride"])
     out = {}
     for key, tuner in (("fwd", spaces.NEIGHBORHOOD_FWD), ("dq", spaces.NEIGHBORHOOD_BWD_DQ),
                        ("dkdv", spaces.NEIGHBORHOOD_BWD_DKDV)):
@@ -660,7 +664,7 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Op
             case_deadline = common.Deadline(min(left, deadline.remaining(left)))
             row.update(measure_gpu(impl, case, dtype, B, H, D, modes, case_deadline))
             if impl == "subquad":
-                tiles = kernel_tiles(dtype, D, len(case["shape"]))
+                tiles = kernel_tiles(dtype, D, case)
                 fwd = tiles["fwd"]
                 bound = speedup_bound(case, fwd["q_tile"], fwd["kv_tile"])
                 bound.update(tiles_source=fwd["source"], kernel_tiles=tiles,

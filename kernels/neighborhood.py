@@ -28,7 +28,7 @@ from .block_sparse import (LOG2E, Family, bwd_delta_buffer, dkdv_update, load_ro
                            q_walk_store, register_family)
 from .common import cdiv, descriptor_scratch, empty, pow2
 
-__all__ = ["NEIGHBORHOOD", "na_fwd", "na_bwd", "compile_specs"]
+__all__ = ["NEIGHBORHOOD", "na_fwd", "na_bwd", "tuner_bucket", "compile_specs"]
 
 
 @triton.jit
@@ -371,8 +371,15 @@ def _grid(geom, cfg, prefix, rows):
     return (nt[0] * nt[1] * nt[2], d[0] * d[1] * d[2], rows), nt
 
 
+def tuner_bucket(dtype: torch.dtype, D: int, rank: int, stride) -> tuple:
+    """The tuner's bucket: (dtype name, head dim, rank, strided). A strided window (any stride > 1)
+    visits mostly whole tiles, a stride-1 window many masked ones, and the best tiles differ: each
+    class is tuned on its own first call, so one does not run the other's choice."""
+    return (str(dtype).replace("torch.", ""), D, rank, any(x > 1 for x in stride))
+
+
 def _bucket(q, geom, rank):
-    return (str(q.dtype).replace("torch.", ""), q.shape[-1], rank)
+    return tuner_bucket(q.dtype, q.shape[-1], rank, geom[2])
 
 
 def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
@@ -456,7 +463,7 @@ def compile_specs(dtype: str, K: int, V: int):
     ints = {name: "i32" for name in ["n0", "n1", "n2", "k0", "k1", "k2", "s0", "s1", "s2", "d0", "d1", "d2",
                                       "c0", "c1", "c2", "H", "GROUP", "nt1", "nt2"]}
     prec = precision(getattr(torch, dtype))
-    buckets = [(dtype, K, rank) for rank in (1, 2, 3)]
+    buckets = [(dtype, K, rank, strided) for rank in (1, 2, 3) for strided in (False, True)]
 
     def units(c):
         return ["d0", "d1", "d2", "GROUP"] + [f"{p}{i}" for i in range(3 - c.kw["R"]) for p in "nksd"]
