@@ -184,8 +184,10 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: Optional[t
 
 
 def _state_shape(q, v, cu_seqlens):
-    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (N, q.shape[2], q.shape[3], v.shape[3])
+    from .kernels.lightning import _geometry
+
+    N, _, _, H, K, V = _geometry(q, v, cu_seqlens)
+    return (N, H, K, V)
 
 
 @_fwd_op.register_fake
