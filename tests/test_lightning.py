@@ -187,6 +187,25 @@ def test_naive_matches_recurrence():
     torch.testing.assert_close(f, S)
 
 
+def test_public_op_matches_fla_convention():
+    """The public op (default scale, decay, initial and final state) against flash-linear-attention's
+    own pure-PyTorch recurrence for simple GLA with a per-head gate g = -decay (fla-core, when
+    importable; CI installs it): the mapping bench/lightning.py uses to compare with FLA's kernels."""
+    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    B, T, H, K, V = 2, 29, 3, 16, 24
+    q, k = (randn(B, T, H, K, seed=s) for s in (1, 2))
+    v = randn(B, T, H, V, seed=3)
+    s0 = randn(B, H, K, V, seed=4)
+    decay = subquad.lightning_slopes(H) * 10
+    o, final = subquad.lightning_attention(q.cpu(), k.cpu(), v.cpu(), decay, initial_state=s0.cpu(),
+                                           output_final_state=True, backend="reference")
+    g = (-decay).expand(B, T, H).contiguous()
+    o2, final2 = naive.naive_recurrent_simple_gla(q.cpu(), k.cpu(), v.cpu(), g, initial_state=s0.cpu(),
+                                                  output_final_state=True)
+    torch.testing.assert_close(o, o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final2, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_varlen_matches_naive():
     cu = torch.tensor([0, 3, 3, 70, 101])
     q, k, v = (torch.randn(1, 101, 2, D, dtype=torch.float64) for D in (8, 8, 4))
