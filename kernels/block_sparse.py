@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import empty
+from .common import empty, first_order_only
 
 __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
            "q_walk_store", "Family", "register_family", "BlockSparseFunction", "block_sparse_attention",
@@ -186,7 +186,7 @@ class BlockSparseFunction(torch.autograd.Function):
         q, k, v, o, lse, *tables = ctx.saved_tensors
         tables = iter(tables)
         meta = [next(tables) if m is _TABLE else m for m in ctx.meta]
-        dq, dk, dv = ctx.bwd(q, k, v, o, lse, do.contiguous(), *meta)
+        dq, dk, dv = first_order_only(ctx.bwd(q, k, v, o, lse, do.contiguous(), *meta), q, k, v)
         return (dq, dk, dv, None) + (None,) * len(meta)
 
 

@@ -47,3 +47,27 @@ def descriptor_scratch() -> None:
     except (ImportError, AttributeError):
         pass
     triton.set_allocator(_scratch)
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises (see ``first_order_only``)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(None if g is None else g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("subquad: the Triton kernels' backward is not differentiable (double backward, "
+                           "create_graph=True); backend='reference' supports it")
+
+
+def first_order_only(grads: tuple, *inputs: torch.Tensor) -> tuple:
+    """A Triton backward's gradients. Under ``create_graph=True`` they would carry no history, and
+    second-order terms built on them (a gradient penalty) would silently drop out of the loss; they
+    are returned through a node that raises if differentiated instead. ``once_differentiable``
+    does not catch this: it looks at the incoming gradient, not at the saved inputs."""
+    anchor = next((x for x in inputs if x is not None and x.requires_grad), None)
+    if anchor is None or not torch.is_grad_enabled():
+        return grads
+    return _NotTwiceDifferentiable.apply(anchor, *grads)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .common import cdiv, empty, pow2 as _pow2
+from .common import cdiv, empty, first_order_only, pow2 as _pow2
 
 __all__ = ["LightningAttentionFunction", "lightning_fwd", "lightning_bwd", "RECURRENT_MAX_T"]
 
@@ -443,6 +443,7 @@ class LightningAttentionFunction(torch.autograd.Function):
         dq, dk, dv, ds0 = lightning_bwd(
             q, k, v, decay, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
             None if dfinal is None else dfinal.contiguous().float(), need_ds0)
+        dq, dk, dv, ds0 = first_order_only((dq, dk, dv, ds0), q, k, v, initial_state)
         return dq, dk, dv, None, ds0, None, None, None
 
 

@@ -39,6 +39,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .common import recomputed
+
 Tensor = torch.Tensor
 IntOrTensor = Union[int, Tensor]
 
@@ -283,29 +285,6 @@ def _tile_chunk(qh: Tensor, kh: Tensor, vh: Tensor, qi: Tensor, ki: Tensor, bias
     return o.reshape(B, Hkv, Tc * Q, G, -1).to(out_dtype)
 
 
-class _RecomputedChunk(torch.autograd.Function):
-    """``_tile_chunk`` whose activations are recomputed in the backward pass (activation
-    checkpointing without torch.utils.checkpoint, whose first use imports torch._dynamo: ~3 s)."""
-
-    @staticmethod
-    def forward(ctx, qh, kh, vh, qi, ki, bias, out_dtype):
-        ctx.save_for_backward(qh, kh, vh, qi, ki, bias)
-        ctx.out_dtype = out_dtype
-        with torch.no_grad():
-            return _tile_chunk(qh, kh, vh, qi, ki, bias, out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qh, kh, vh, qi, ki, bias = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(bool(r)) for x, r in zip((qh, kh, vh), ctx.needs_input_grad[:3])]
-            o = _tile_chunk(*leaves, qi, ki, bias, ctx.out_dtype)
-            need = [x for x in leaves if x.requires_grad]
-            got = iter(torch.autograd.grad(o, need, grad_out) if need else ())
-        grads = [next(got) if x.requires_grad else None for x in leaves]
-        return (*grads, None, None, None, None)
-
-
 def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, stride=1, dilation=1,
                            is_causal=False, scale: Optional[float] = None, q_tile=None,
                            chunk_elements: int = 1 << 24) -> Tensor:
@@ -382,7 +361,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, stride=
                 bias.shape[0], bias.shape[1] * ba.shape[1], -1)
         bias = bias[:, :, None, :]                                                   # [Tc, Q, 1, K]
         if grad and chunk < T:
-            o = _RecomputedChunk.apply(qh, kh, vh, qi, ki, bias, dt)
+            o = recomputed(_tile_chunk, qh, kh, vh, qi, ki, bias, dt)
         else:
             o = _tile_chunk(qh, kh, vh, qi, ki, bias, dt)
         outs.append(o)

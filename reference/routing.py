@@ -36,6 +36,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .common import recomputed
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -274,28 +276,6 @@ def _chunk(qr: Tensor, kr: Tensor, vr: Tensor, idx: Tensor, kbias: Tensor, scale
     return (p @ vg).to(out_dtype)
 
 
-class _Recomputed(torch.autograd.Function):
-    """``_chunk`` whose activations are recomputed in the backward pass (activation checkpointing,
-    so nothing of the gathered size is kept between the passes)."""
-
-    @staticmethod
-    def forward(ctx, qr, kr, vr, idx, kbias, scale, out_dtype):
-        ctx.save_for_backward(qr, kr, vr, idx, kbias)
-        ctx.scale, ctx.out_dtype = scale, out_dtype
-        with torch.no_grad():
-            return _chunk(qr, kr, vr, idx, kbias, scale, out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qr, kr, vr, idx, kbias = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(bool(r)) for x, r in zip((qr, kr, vr), ctx.needs_input_grad[:3])]
-            o = _chunk(*leaves, idx, kbias, ctx.scale, ctx.out_dtype)
-            need = [x for x in leaves if x.requires_grad]
-            got = iter(torch.autograd.grad(o, need, grad_out) if need else ())
-        return (*[next(got) if x.requires_grad else None for x in leaves], None, None, None, None)
-
-
 def _as_routing(idx: Tensor) -> Tensor:
     """Routing indices as int64 ``[B, HR, R, topk]``."""
     idx = idx.to(torch.int64)
@@ -345,7 +325,7 @@ def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequ
     for r0 in range(0, g.R, chunk):
         sl = slice(r0, min(g.R, r0 + chunk))
         args = (qr[:, :, sl], kr, vr, idx[:, :, sl], kbias, scale, q.dtype)
-        outs.append(_Recomputed.apply(*args) if grad and chunk < g.R else _chunk(*args))
+        outs.append(recomputed(_chunk, *args) if grad and chunk < g.R else _chunk(*args))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return from_regions(o, g).reshape(B, *spatial, H, Dv), out_idx
 

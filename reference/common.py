@@ -1,0 +1,44 @@
+"""Machinery shared by the references."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_SAVED = object()  # marks where a saved tensor goes back into the non-differentiable arguments
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, q, k, v, *rest):
+        ctx.fn = fn
+        ctx.save_for_backward(q, k, v, *[x for x in rest if torch.is_tensor(x)])
+        ctx.rest = [_SAVED if torch.is_tensor(x) else x for x in rest]
+        with torch.no_grad():
+            return fn(q, k, v, *rest)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *saved = ctx.saved_tensors
+        saved = iter(saved)
+        rest = [next(saved) if x is _SAVED else x for x in ctx.rest]
+        wanted = ctx.needs_input_grad[1:4]
+        # Under backward(create_graph=True) the gradients must carry history (a double backward):
+        # recompute from the saved inputs themselves, through one view per role (q and k may be one
+        # tensor); otherwise from detached copies.
+        create = torch.is_grad_enabled()
+        with torch.enable_grad():
+            xs = [x.view_as(x) if create else x.detach().requires_grad_(bool(r)) for x, r in zip((q, k, v), wanted)]
+            o = ctx.fn(*xs, *rest)
+            need = [x for x, r in zip(xs, wanted) if r]
+            got = iter(torch.autograd.grad(o, need, grad_out, create_graph=create) if need else ())
+        return (None, *[next(got) if r else None for r in wanted]) + (None,) * len(rest)
+
+
+def recomputed(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest):
+    """``fn(q, k, v, *rest)``, differentiable in q, k, v, with its activations recomputed in the
+    backward pass (activation checkpointing without torch.utils.checkpoint, whose first use imports
+    torch._dynamo: ~3 s), so a chunked reference keeps nothing of a chunk's gathered size between
+    the passes. ``rest`` (index tables, masks, scalars) is not differentiable. Twice differentiable."""
+    return _Recomputed.apply(fn, q, k, v, *rest)
