@@ -67,7 +67,7 @@ def first_order_only(grads: tuple, *inputs: torch.Tensor) -> tuple:
     second-order terms built on them (a gradient penalty) would silently drop out of the loss; they
     are returned through a node that raises if differentiated instead. ``once_differentiable``
     does not catch this: it looks at the incoming gradient, not at the saved inputs."""
-    anchor = next((x for x in inputs if x is not None and x.requires_grad), None)
-    if anchor is None or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():  # a plain backward: grad mode is off inside it
         return grads
-    return _NotTwiceDifferentiable.apply(anchor, *grads)
+    anchor = next((x for x in inputs if x is not None and x.requires_grad), None)
+    return grads if anchor is None else _NotTwiceDifferentiable.apply(anchor, *grads)
