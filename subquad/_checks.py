@@ -6,6 +6,7 @@ names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import functools
 import os
 from numbers import Integral
 from typing import Optional, Sequence, Tuple
@@ -45,6 +46,32 @@ def check_tensor(name: str, x, rank: Optional[int] = None, dtypes: Sequence[torc
     if rank is not None and x.dim() != rank:
         raise ValueError(f"{name} must have {rank} dims, got {x.dim()} (shape {tuple(x.shape)})")
     return x
+
+
+def autocast_op(*names: str):
+    """Decorates a public op whose first arguments are the tensors ``names`` (e.g. "q", "k", "v").
+    Under ``torch.autocast`` for q's device type, as autocast treats SDPA: those of them in fp32,
+    fp16 or bf16 are cast to the autocast dtype (so q and k in fp32 after RoPE with v in bf16 from a
+    Linear layer run in bf16 instead of failing the dtype check; gradients flow back in each
+    input's dtype), and the op runs with autocast off (it chooses its own internal precision, like
+    a kernel). Outside autocast the call is untouched (one flag read)."""
+    def cast(x, dt):
+        return x.to(dt) if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES else x
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            first = args[0] if args else kwargs.get(names[0])
+            if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+                return fn(*args, **kwargs)
+            dev = first.device.type
+            dt = torch.get_autocast_dtype(dev)
+            args = tuple(cast(x, dt) if i < len(names) else x for i, x in enumerate(args))
+            kwargs = {a: cast(x, dt) if a in names else x for a, x in kwargs.items()}
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return op
+    return deco
 
 
 def check_same(ref_name: str, ref: torch.Tensor, **others):

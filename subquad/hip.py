@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, resolve_backend
+from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, is_int, resolve_backend
 from .reference import hip as _ref
 
 __all__ = ["hip_attention", "hip_mask", "HipMask", "TRITON_LIMITS"]
@@ -185,6 +185,7 @@ def _check_mask(mask, p: dict, shapes, device) -> int:
     return mask.window_at(Tk)
 
 
+@autocast_op("q", "k")
 def hip_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -213,6 +214,7 @@ def hip_mask(
     return _make_mask(q, k, p, backend, shapes)
 
 
+@autocast_op("q", "k", "v")
 def hip_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -245,7 +247,8 @@ def hip_attention(
     Args:
         q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, H_kv, D]`` with ``H % H_kv == 0`` and ``1 <= Tq <= Tk``;
             query i sits at position ``Tk - Tq + i`` (prefill Tq == Tk, decoding Tq small). Same
-            dtype (float32, float16, bfloat16) and device. Triton: D in 16..256.
+            dtype (float32, float16, bfloat16; under torch.autocast any of them, cast to its dtype
+            as for SDPA) and device. Triton: D in 16..256.
         topk (>= 1), block_size_q (>= 1), block_size_k (>= 1), query_stride (>= 1),
             sink_tokens (>= 0), window (>= 0). The Triton mask estimation supports
             block_size_k <= 128, ceil(block_size_q / query_stride) <= 128 and

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, resolve_backend
+from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, resolve_backend
 from .reference import lightning as _ref
 
 __all__ = ["lightning_attention", "lightning_slopes"]
@@ -56,6 +56,7 @@ def _check_cu_values(cu_seqlens, T: int):
         raise ValueError(f"cu_seqlens must end at T={T}, got {cu[-1]}")
 
 
+@autocast_op("q", "k", "v")
 def lightning_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,8 +79,8 @@ def lightning_attention(
     i.e. the recurrence ``S_t = lambda S_{t-1} + k_t v_t^T, o_t = scale q_t S_t``.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. Same dtype (float32, float16, bfloat16) and
-            device. K and V may differ; the Triton backend takes 16 <= K, V <= 256.
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. Same dtype (float32, float16, bfloat16; under
+            torch.autocast any of them, cast to its dtype as for SDPA) and device. K and V may differ; the Triton backend takes 16 <= K, V <= 256.
         decay: ``None`` (no decay) or a float tensor ``[H]`` of rates ``s_h >= 0``. Not
             differentiable (an error is raised if it requires grad); see ``lightning_slopes``.
         scale: defaults to ``K ** -0.5``; pass 1.0 for the original lightning code's convention.

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, per_dim_ints, resolve_backend
+from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, per_dim_ints, resolve_backend
 from .reference import neighborhood as _ref
 
 __all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "neighborhood_speedup_bound"]
@@ -88,6 +88,7 @@ def _check_qkv(q, k, v, rank: Optional[int], op: str):
         raise ValueError(f"q's heads H={H} must be a positive multiple of k's and v's heads H_kv={Hkv}")
 
 
+@autocast_op("q", "k", "v")
 def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, backend, rank, op):
     _check_qkv(q, k, v, rank, op)
     spatial = tuple(q.shape[1:-2])
@@ -146,7 +147,8 @@ def neighborhood_attention(
     Args:
         q: ``[B, *spatial, H, D]`` with 1-3 spatial dims; k, v: ``[B, *spatial, H_kv, D]`` with
             ``H % H_kv == 0`` (grouped-query: query head h reads kv head ``h // (H // H_kv)``).
-            Same dtype (float32, float16, bfloat16) and device.
+            Same dtype (float32, float16, bfloat16; under torch.autocast any of them, cast to its
+            dtype as for SDPA) and device.
         kernel_size, stride, dilation: an int or one per spatial dim, with per dim
             ``2 <= kernel_size``, ``1 <= stride <= kernel_size``, ``1 <= dilation`` and
             ``kernel_size * dilation <= size``.

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, resolve_backend
+from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, resolve_backend
 from .reference import routing as _ref
 
 __all__ = ["bilevel_routing_attention"]
@@ -75,6 +75,7 @@ def check_routing_tensor(routing: torch.Tensor, q: torch.Tensor, R: int, topk: i
             raise ValueError("routing must not list a region twice for one query region (duplicate indices)")
 
 
+@autocast_op("q", "k", "v")
 def bilevel_routing_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,7 +97,8 @@ def bilevel_routing_attention(
 
     Args:
         q, k, v: ``[B, *spatial, H, D]`` with 1 spatial dim (``[B, T, H, D]``) or 2
-            (``[B, Hi, Wi, H, D]``), same shape, dtype (float32, float16, bfloat16) and device.
+            (``[B, Hi, Wi, H, D]``), same shape, dtype (float32, float16, bfloat16; under
+            torch.autocast any of them, cast to its dtype as for SDPA) and device.
         num_regions: regions per spatial dim (BiFormer's n_win): an int or one per dim, each in
             [1, size of the dim]. R = the product.
         topk: regions routed per region, 1 <= topk <= R (topk = R is full attention).

@@ -6,6 +6,8 @@ import torch
 
 from conftest import HAS_CUDA
 
+import subquad  # noqa: E402  (after conftest: the interpreter is chosen before any kernel import)
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # bf16 tl.dot is garbage under the interpreter: bf16 runs on a GPU only.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -59,3 +61,14 @@ def replay_in_cuda_graph(fn):
     graph.replay()
     torch.cuda.synchronize()
     return eager, out
+
+
+# one small call per family, for cross-family tests: (q, k, v [1, 18, H, 16], backend) -> o
+FAMILIES = {
+    "neighborhood": lambda q, k, v, backend: subquad.neighborhood_attention(q, k, v, 3, stride=2, backend=backend),
+    "routing": lambda q, k, v, backend: subquad.bilevel_routing_attention(q, k, v, num_regions=3, topk=2,
+                                                                          backend=backend),
+    "lightning": lambda q, k, v, backend: subquad.lightning_attention(q, k, v, backend=backend)[0],
+    "hip": lambda q, k, v, backend: subquad.hip_attention(q, k, v, block_size_q=16, block_size_k=2, topk=8,
+                                                          sink_tokens=2, window=4, backend=backend),
+}

@@ -14,17 +14,7 @@ from subquad.reference import lightning as lt_ref
 from subquad.reference import neighborhood as na_ref
 from subquad.reference import routing as rt_ref
 
-from helpers import randn
-
-# one small call per family: (q, k, v) -> o
-FAMILIES = {
-    "neighborhood": lambda q, k, v, backend: subquad.neighborhood_attention(q, k, v, 3, stride=2, backend=backend),
-    "routing": lambda q, k, v, backend: subquad.bilevel_routing_attention(q, k, v, num_regions=3, topk=2,
-                                                                          backend=backend),
-    "lightning": lambda q, k, v, backend: subquad.lightning_attention(q, k, v, backend=backend)[0],
-    "hip": lambda q, k, v, backend: subquad.hip_attention(q, k, v, block_size_q=16, block_size_k=2, topk=8,
-                                                          sink_tokens=2, window=4, backend=backend),
-}
+from helpers import FAMILIES, randn
 
 
 def _penalty(fn, q, k, v):
