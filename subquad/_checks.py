@@ -48,13 +48,20 @@ def check_tensor(name: str, x, rank: Optional[int] = None, dtypes: Sequence[torc
     return x
 
 
-def autocast_op(*names: str):
+def public_op(*names: str):
     """Decorates a public op whose first arguments are the tensors ``names`` (e.g. "q", "k", "v").
-    Under ``torch.autocast`` for q's device type, as autocast treats SDPA: those of them in fp32,
-    fp16 or bf16 are cast to the autocast dtype (so q and k in fp32 after RoPE with v in bf16 from a
-    Linear layer run in bf16 instead of failing the dtype check; gradients flow back in each
-    input's dtype), and the op runs with autocast off (it chooses its own internal precision, like
-    a kernel). Outside autocast the call is untouched (one flag read)."""
+
+    * CUDA device: the op runs with q's device current. Triton launches on the current device,
+      not the tensors' own: a model spread over GPUs in one process (e.g. ``device_map="auto"``)
+      calls ops on ``cuda:1`` tensors while ``cuda:0`` is current. (Backward passes need no guard:
+      autograd runs them on a thread of the tensors' device.)
+    * ``torch.autocast`` for q's device type, as autocast treats SDPA: those of ``names`` in fp32,
+      fp16 or bf16 are cast to the autocast dtype (q and k in fp32 after RoPE with v in bf16 from a
+      Linear layer run in bf16 instead of failing the dtype check; gradients flow back in each
+      input's dtype), and the op runs with autocast off (it chooses its own internal precision,
+      like a kernel).
+
+    Otherwise the call is untouched (a flag read, and the current device for CUDA tensors)."""
     def cast(x, dt):
         return x.to(dt) if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES else x
 
@@ -62,13 +69,19 @@ def autocast_op(*names: str):
         @functools.wraps(fn)
         def op(*args, **kwargs):
             first = args[0] if args else kwargs.get(names[0])
-            if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+            if not isinstance(first, torch.Tensor):
                 return fn(*args, **kwargs)
-            dev = first.device.type
-            dt = torch.get_autocast_dtype(dev)
+            dev = first.device
+            if (dev.type == "cuda" and dev.index is not None and not torch.compiler.is_compiling()
+                    and dev.index != torch.cuda.current_device()):
+                with torch.cuda.device(dev):
+                    return op(*args, **kwargs)
+            if not torch.is_autocast_enabled(dev.type):
+                return fn(*args, **kwargs)
+            dt = torch.get_autocast_dtype(dev.type)
             args = tuple(cast(x, dt) if i < len(names) else x for i, x in enumerate(args))
             kwargs = {a: cast(x, dt) if a in names else x for a, x in kwargs.items()}
-            with torch.autocast(dev, enabled=False):
+            with torch.autocast(dev.type, enabled=False):
                 return fn(*args, **kwargs)
         return op
     return deco

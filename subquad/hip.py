@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, is_int, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, public_op, resolve_backend
 from .reference import hip as _ref
 
 __all__ = ["hip_attention", "hip_mask", "HipMask", "TRITON_LIMITS"]
@@ -185,7 +185,7 @@ def _check_mask(mask, p: dict, shapes, device) -> int:
     return mask.window_at(Tk)
 
 
-@autocast_op("q", "k")
+@public_op("q", "k")
 def hip_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,7 +214,7 @@ def hip_mask(
     return _make_mask(q, k, p, backend, shapes)
 
 
-@autocast_op("q", "k", "v")
+@public_op("q", "k", "v")
 def hip_attention(
     q: torch.Tensor,
     k: torch.Tensor,

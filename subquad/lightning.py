@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend
 from .reference import lightning as _ref
 
 __all__ = ["lightning_attention", "lightning_slopes"]
@@ -56,7 +56,7 @@ def _check_cu_values(cu_seqlens, T: int):
         raise ValueError(f"cu_seqlens must end at T={T}, got {cu[-1]}")
 
 
-@autocast_op("q", "k", "v")
+@public_op("q", "k", "v")
 def lightning_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, per_dim_ints, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, per_dim_ints, public_op, resolve_backend
 from .reference import neighborhood as _ref
 
 __all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "neighborhood_speedup_bound"]
@@ -88,7 +88,7 @@ def _check_qkv(q, k, v, rank: Optional[int], op: str):
         raise ValueError(f"q's heads H={H} must be a positive multiple of k's and v's heads H_kv={Hkv}")
 
 
-@autocast_op("q", "k", "v")
+@public_op("q", "k", "v")
 def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, backend, rank, op):
     _check_qkv(q, k, v, rank, op)
     spatial = tuple(q.shape[1:-2])

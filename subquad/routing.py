@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import autocast_op, check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, resolve_backend
+from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, public_op, resolve_backend
 from .reference import routing as _ref
 
 __all__ = ["bilevel_routing_attention"]
@@ -75,7 +75,7 @@ def check_routing_tensor(routing: torch.Tensor, q: torch.Tensor, R: int, topk: i
             raise ValueError("routing must not list a region twice for one query region (duplicate indices)")
 
 
-@autocast_op("q", "k", "v")
+@public_op("q", "k", "v")
 def bilevel_routing_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,96 @@
+"""What every public op does around its family's code (``subquad._checks.public_op``): under
+torch.autocast it casts its fp32/fp16/bf16 inputs to the autocast dtype, as autocast does for SDPA
+(q and k in fp32 after RoPE with v in bf16 from a Linear layer is the common case), gradients
+flowing back in each input's own dtype (outside autocast, mixed dtypes are an error: tests of bad
+input); on CUDA it runs with its tensors' device current (Triton launches on the current one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import FAMILIES, randn
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_autocast_casts_inputs(family, backend):
+    # bf16 tl.dot is garbage under the interpreter: the Triton kernels run in fp16 there
+    dt = torch.bfloat16 if backend == "reference" or torch.cuda.is_available() else torch.float16
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = (randn(1, 18, 2, 16, seed=s, requires_grad=True) for s in (0, 1))
+    v = randn(1, 18, 2, 16, seed=2, dtype=dt, requires_grad=True)
+    with torch.autocast(dev, dtype=dt):
+        o = FAMILIES[family](q, k, v, backend)
+    assert o.dtype == dt
+    want = FAMILIES[family](q.detach().to(dt), k.detach().to(dt), v.detach(), backend)
+    torch.testing.assert_close(o, want, rtol=0, atol=0)
+    o.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32 and v.grad.dtype == dt
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_autocast_casts_only_named_float_tensors():
+    from subquad._checks import public_op
+
+    @public_op("a", "b")
+    def op(a, b, c, d=None):
+        return a.dtype, b.dtype, c.dtype, d.dtype, torch.is_autocast_enabled("cpu")
+
+    x32, x64 = torch.ones(2), torch.ones(2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert op(x32, x64, x32, d=x32) == (torch.bfloat16, torch.float64, torch.float32, torch.float32, False)
+        assert op(a=x32, b=x32, c=x32, d=x32)[:2] == (torch.bfloat16, torch.bfloat16)
+    assert op(x32, x32, x32, d=x32) == (torch.float32,) * 4 + (False,)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=torch.cuda.is_available()):
+        assert op(x32, x32, x32, d=x32)[0] == torch.float32  # CPU tensors: CPU autocast is off
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that reports living on cuda:1 (the guard's logic, testable without GPUs)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_ops_run_with_their_cuda_device_current(monkeypatch):
+    """Triton launches on the current device: an op on cuda:1 tensors while cuda:0 is current (a
+    model spread over GPUs in one process) must make cuda:1 current for the call, and only then."""
+    from subquad._checks import public_op
+
+    current, entered = [0], []
+
+    class FakeDeviceContext:
+        def __init__(self, dev):
+            self.index = torch.device(dev).index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+
+    @public_op("q")
+    def op(q):
+        return current[0]
+
+    x = torch.ones(2).as_subclass(_OnCuda1)
+    assert op(x) == 1 and entered == [1] and current[0] == 0
+    current[0] = 1
+    assert op(x) == 1 and entered == [1]  # already current: no switch
+    assert op(torch.ones(2)) == 1 and entered == [1]  # CPU tensors: nothing to do
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_every_family_on_a_second_gpu():
+    for family, fn in FAMILIES.items():
+        q, k, v = (randn(1, 18, 2, 16, seed=s).to("cuda:1") for s in range(3))
+        assert torch.cuda.current_device() == 0
+        o = fn(q, k, v, "triton")
+        want = fn(q.cpu(), k.cpu(), v.cpu(), "reference")
+        torch.testing.assert_close(o.cpu(), want, rtol=1e-3, atol=1e-3, msg=family)
