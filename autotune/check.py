@@ -37,6 +37,7 @@ the interpreter ``@triton.jit`` makes no ``JITFunction``; :func:`main` re-runs i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -189,6 +190,30 @@ def _family_module(name: str):
     return importlib.import_module(f"subquad.kernels.{name}")
 
 
+@contextlib.contextmanager
+def _fp32_precision(dtype: str):
+    """The check's dtype "tf32" is fp32 inputs under ``torch.backends.cuda.matmul.fp32_precision =
+    "tf32"`` (the launchers' dot precision follows torch's setting): families build their specs
+    for "float32" inside this context."""
+    if dtype != "tf32":
+        yield dtype
+        return
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield "float32"
+    finally:
+        matmul.fp32_precision = before
+
+
+def _specs(mod, dtype: str, K: int, V: int) -> list:
+    with _fp32_precision(dtype) as as_dtype:
+        return list(mod.compile_specs(as_dtype, K, V))
+
+
 def collect_jobs(
     families: Sequence[str] = tuple(FAMILIES),
     dtypes: Sequence[str] = DTYPES,
@@ -217,7 +242,7 @@ def collect_jobs(
         for dtype in dtypes:
             for K, V in dims:
                 try:
-                    specs = list(specs_fn(dtype, K, V))
+                    specs = _specs(mod, dtype, K, V)
                 except Exception as exc:
                     errors.append(_error_row(fam, f"<{fam}>", "-", True, 0, dtype, K, V,
                                              f"compile_specs failed: {_short(exc)}"))
@@ -365,7 +390,7 @@ def compile_job(job: Job) -> dict:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        specs = list(_family_module(job.family).compile_specs(job.dtype, job.K, job.V))
+        specs = _specs(_family_module(job.family), job.dtype, job.K, job.V)
         tuner, fn, signature, constexprs_fn = specs[job.spec][:4]
         if tuner.kernel != job.kernel:
             raise RuntimeError(f"compile_specs order changed: spec {job.spec} is {tuner.kernel}")
@@ -592,7 +617,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dims", type=_parse_dims, default=[(d, d) for d in HEAD_DIMS],
                    help="comma-separated head dims, K=V (e.g. 32,64,128,256) or KxV (64x128); default 64,128")
     p.add_argument("--dtypes", type=_parse_list, default=list(DTYPES),
-                   help="comma-separated input dtypes; default float16,bfloat16")
+                   help="comma-separated input dtypes (float16, bfloat16, float32, tf32: fp32 inputs with "
+                   "torch's TF32 matmul setting); default float16,bfloat16")
     p.add_argument("--fp32", action="store_true", help="also check float32 inputs")
     p.add_argument("--archs", type=_parse_archs, default=list(ARCHS), help="comma-separated sm archs; default 80,90")
     p.add_argument("--kernels", type=_parse_list, default=None, help="only these tuner kernel names (comma-separated)")

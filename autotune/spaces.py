@@ -104,7 +104,7 @@ def _na_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
     dtype, D, rank = bucket[:3]
     if cfg.kw["R"] != rank:
         return False
-    if cfg.kw.get("TMA") and D * (4 if dtype == "float32" else 2) % 16:
+    if cfg.kw.get("TMA") and D * (4 if dtype in ("float32", "tf32") else 2) % 16:
         return False  # a TMA row must be a multiple of 16 bytes
     tq = [cfg.kw[f"TQ{i}"] for i in range(3)]
     tk = [cfg.kw[f"TK{i}"] for i in range(3)]

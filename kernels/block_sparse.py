@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import empty, first_order_only
+from .common import empty, first_order_only, fp32_dot_precision
 
 __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
            "q_walk_store", "Family", "register_family", "BlockSparseFunction", "block_sparse_attention",
@@ -257,9 +257,13 @@ def bwd_delta_buffer(lse: torch.Tensor) -> torch.Tensor:
     return empty(lse.shape, torch.float32, lse.device)
 
 
-def precision(dtype: torch.dtype) -> str:
-    """Dot input precision: IEEE fp32 for fp32 inputs (TF32 would cost ~3e-4 relative error)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def precision(dtype: torch.dtype, follow_torch: bool = True) -> str:
+    """Dot input precision ("tf32" is moot for 16-bit operands). fp32 inputs: IEEE fp32 by default,
+    TF32 where torch's fp32 matmul setting allows it (``common.fp32_dot_precision``), unless
+    ``follow_torch=False`` (selections, whose ranking must match the reference's)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return fp32_dot_precision() if follow_torch else "ieee"
 
 
 LOG2E = 1.4426950408889634

@@ -9,6 +9,26 @@ import torch
 from ..autotune.spaces import next_pow2, pow2  # noqa: F401  (re-exported for the launchers)
 
 
+def fp32_dot_precision() -> str:
+    """The Triton dot precision of fp32 inputs, "ieee" or "tf32", following torch's fp32 matmul
+    setting as torch's own FlexAttention kernels do: ``torch.backends.cuda.matmul.fp32_precision``
+    when set ("ieee" / "tf32"), else TF32 unless ``torch.get_float32_matmul_precision()`` is
+    "highest" (the default: IEEE fp32, as cuBLAS). ``torch.set_float32_matmul_precision("high")``
+    therefore runs fp32 attention on TF32 tensor cores (~1e-3 relative error, several times faster)."""
+    explicit = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")  # torch >= 2.9
+    if explicit in ("ieee", "tf32"):
+        return explicit
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def dtype_key(dtype: torch.dtype) -> str:
+    """The dtype element of a tuner bucket: the dtype's name, and "tf32" for fp32 inputs whose dots
+    run on TF32 tensor cores (``fp32_dot_precision``): their best tiles are not the IEEE path's."""
+    if dtype == torch.float32 and fp32_dot_precision() == "tf32":
+        return "tf32"
+    return str(dtype).replace("torch.", "")
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launchers. Not ``triton.cdiv``: since triton 3.5 that is a constexpr_function,
     whose wrapper costs ~5 us a call on the host (triton 3.6), where small launches are host-bound."""

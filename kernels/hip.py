@@ -82,7 +82,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision,
                            q_walk_init, q_walk_step, q_walk_store, register_family)
-from .common import POISON, cdiv, empty, next_pow2, pow2
+from .common import POISON, cdiv, dtype_key, empty, next_pow2, pow2
 
 __all__ = ["hip_sparse_attention", "hip_fwd", "hip_bwd", "hip_select_blocks", "select_meta",
            "compile_specs"]
@@ -350,7 +350,7 @@ def _hip_dkdv_local_kernel(
 def _bucket(q):
     """(dtype, head dim, decoding): decoding (Tq <= 16, one 16-row tile per head) is tuned apart
     from prefill, so a first decoding call does not pick the prefill kernels' tiles."""
-    return (str(q.dtype).replace("torch.", ""), q.shape[-1], q.shape[1] <= 16)
+    return (dtype_key(q.dtype), q.shape[-1], q.shape[1] <= 16)
 
 
 def _q_grid(cfg, q, k, bsq):
@@ -766,7 +766,7 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     blocks = torch.empty((B, H, nqb, kb), dtype=torch.int32, device=q.device)
     if POISON:
         blocks.fill_(-7)  # never a valid entry: an unwritten slot fails the comparison
-    prec = precision(q.dtype)
+    prec = precision(q.dtype, follow_torch=False)
     meta0 = select_meta(D, topk, block_size_q, block_size_k, query_stride, 128)
     per_slot = 40 * meta0["KBP"]  # int32 [2, KBP] + int64 [2 KBP] + int32 [2, 2 KBP]
     wave = max(1, min(nqb, SCRATCH_BYTES // (per_slot * B * H)))
@@ -809,7 +809,7 @@ def _select_compile_specs(dtype: str, K: int, V: int):
     x = f"*{tdt}"
     ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "bq", "bk", "qstride", "S", "W", "qb0"]}
     sig = dict(Q=x, K=x, BLK="*i32", SEL="*i32", CS="*i64", CST="*i32", **ints)
-    prec = precision(getattr(torch, dtype))
+    prec = precision(getattr(torch, dtype), follow_torch=False)
     probe = select_meta(K, 512, 64, 2, 2, 128)
     buckets = [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"], decoding) for decoding in (False, True)]
     yield (spaces.HIP_SELECT, _hip_select_kernel, sig,

@@ -27,7 +27,8 @@ floor of the forward's traffic as split is ~13 ms, the rest is the chunk chain's
 Decoding (short sequences, e.g. T == 1 with a state) uses ``_recurrent_fwd_kernel``: a token
 loop of rank-1 updates on the register-resident state, no padding to a chunk of tokens.
 
-Precision: fp32 inputs use IEEE fp32 dots. fp16/bf16 operands go to tensor cores with fp32
+Precision: fp32 inputs use IEEE fp32 dots (TF32 where torch's fp32 matmul setting allows it,
+``common.fp32_dot_precision``). fp16/bf16 operands go to tensor cores with fp32
 accumulation; the state enters its products as fp32 (tf32 dots) for fp16, whose range it can
 exceed, and as bf16 for bf16.
 """
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
-from .common import cdiv, empty, first_order_only, pow2 as _pow2
+from .common import cdiv, dtype_key, empty, first_order_only, fp32_dot_precision, pow2 as _pow2
 
 __all__ = ["LightningAttentionFunction", "lightning_fwd", "lightning_bwd", "RECURRENT_MAX_T"]
 
@@ -283,7 +284,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 def _precision(dtype):
     """(state operand dtype, dot input precision) for an input dtype; see the module docstring."""
     if dtype == torch.float32:
-        return tl.float32, "ieee"
+        return tl.float32, fp32_dot_precision()
     if dtype == torch.float16:
         return tl.float32, "tf32"
     return tl.bfloat16, "tf32"
@@ -303,7 +304,7 @@ def _max_len(T, cu_seqlens) -> int:
 
 
 def _bucket(q, K, V, decay):
-    return (str(q.dtype).replace("torch.", ""), int(K), int(V), decay is not None)
+    return (dtype_key(q.dtype), int(K), int(V), decay is not None)
 
 
 def _dummy(t):

@@ -26,7 +26,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, Family, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
                            q_walk_store, register_family)
-from .common import cdiv, descriptor_scratch, empty, pow2
+from .common import cdiv, descriptor_scratch, dtype_key, empty, pow2
 
 __all__ = ["NEIGHBORHOOD", "na_fwd", "na_bwd", "tuner_bucket", "compile_specs"]
 
@@ -372,10 +372,10 @@ def _grid(geom, cfg, prefix, rows):
 
 
 def tuner_bucket(dtype: torch.dtype, D: int, rank: int, stride) -> tuple:
-    """The tuner's bucket: (dtype name, head dim, rank, strided). A strided window (any stride > 1)
+    """The tuner's bucket: (dtype name or "tf32", head dim, rank, strided). A strided window (any stride > 1)
     visits mostly whole tiles, a stride-1 window many masked ones, and the best tiles differ: each
     class is tuned on its own first call, so one does not run the other's choice."""
-    return (str(dtype).replace("torch.", ""), D, rank, any(x > 1 for x in stride))
+    return (dtype_key(dtype), D, rank, any(x > 1 for x in stride))
 
 
 def _bucket(q, geom, rank):

@@ -54,7 +54,7 @@ from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
 from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision,
                            q_walk_init, q_walk_step, q_walk_store, register_family)
-from .common import cdiv, empty, pow2
+from .common import cdiv, dtype_key, empty, pow2
 
 __all__ = ["ROUTING", "routing_attention", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
@@ -383,7 +383,7 @@ def walk_class(topk: int, RT: int) -> int:
 
 
 def _bucket(q, g, topk):
-    return (str(q.dtype).replace("torch.", ""), q.shape[-1], region_class(g.RT), walk_class(topk, g.RT))
+    return (dtype_key(q.dtype), q.shape[-1], region_class(g.RT), walk_class(topk, g.RT))
 
 
 def _dims(q):

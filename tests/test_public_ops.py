@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import FAMILIES, randn
+from helpers import FAMILIES, assert_close, randn
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -94,3 +94,53 @@ def test_every_family_on_a_second_gpu():
         o = fn(q, k, v, "triton")
         want = fn(q.cpu(), k.cpu(), v.cpu(), "reference")
         torch.testing.assert_close(o.cpu(), want, rtol=1e-3, atol=1e-3, msg=family)
+
+
+@pytest.fixture
+def tf32_allowed():
+    """torch.set_float32_matmul_precision("high") for one test, then torch's previous setting."""
+    matmul = torch.backends.cuda.matmul
+    before = (torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None))
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    if before[1] is not None:
+        matmul.fp32_precision = before[1]
+
+
+def test_fp32_dot_precision_follows_torch(tf32_allowed):
+    from subquad.kernels import common
+
+    assert common.fp32_dot_precision() == "tf32" and common.dtype_key(torch.float32) == "tf32"
+    assert common.dtype_key(torch.float16) == "float16"
+    torch.set_float32_matmul_precision("highest")
+    assert common.fp32_dot_precision() == "ieee" and common.dtype_key(torch.float32) == "float32"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the explicit setting wins
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert common.fp32_dot_precision() == "tf32"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp32_under_tf32_setting(family, tf32_allowed, monkeypatch):
+    """fp32 with TF32 allowed: the attention kernels are tuned and launched as "tf32" (selections
+    stay IEEE), and agree with the fp32 definition by the flash rule against the reference run
+    under the same setting (on a GPU its matmuls use TF32 too; on a CPU both are exact)."""
+    from subquad.autotune import spaces
+    from subquad.kernels import block_sparse
+
+    seen = {}
+    for tuner in spaces.LIGHTNING + spaces.NEIGHBORHOOD + spaces.ROUTING + spaces.HIP_ATTENTION + [spaces.HIP_SELECT]:
+        def choose(bucket, device, bench, t=tuner):
+            seen[t.kernel] = bucket[0]
+            return t.default(bucket)
+        monkeypatch.setattr(tuner, "choose", choose)
+    q, k, v = (randn(1, 18, 2, 16, seed=s) for s in range(3))
+    got = FAMILIES[family](q, k, v, "triton")
+    low = FAMILIES[family](q, k, v, "reference")
+    exact = FAMILIES[family](q.cpu(), k.cpu(), v.cpu(), "reference")  # CPU matmuls: IEEE fp32 whatever the setting
+    assert_close("o", got, exact, low)
+    attention = {kern: b for kern, b in seen.items() if kern != "hip_select"}
+    assert attention and set(attention.values()) == {"tf32"}, seen
+    if family == "hip":
+        assert seen["hip_select"] == "float32"
+        assert block_sparse.precision(torch.float32, follow_torch=False) == "ieee"
