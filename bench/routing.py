@@ -3,6 +3,7 @@ dense attention.
 
     python bench/routing.py [--quick] [--out DIR] [--device auto|cuda|cpu] [--budget SECONDS]
                             [--case NAME ...] [--dtype bfloat16|float32 ...]
+                            [--fp32-precision highest|high]
 
 GPU (when CUDA is available), the issue's cases (B, spatial, heads, head dim, regions per dim, topk):
 
@@ -345,6 +346,7 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None, cases: Op
     payload = {"family": NAME, "device": "cuda", "quick": quick, "env": common.env_info(),
                "config": {"cases": names, "dtypes": [_dt(d) for d in dtypes], "modes": list(MODES),
                           "case_defs": {n: case_by_name(n) for n in names},
+                          "float32_matmul_precision": torch.get_float32_matmul_precision(),
                           "flops": " ".join(flops.__doc__.split())},
                "rows": []}
     stem = f"{NAME}_cuda"
@@ -461,7 +463,11 @@ def main(argv=None) -> int:
     p.add_argument("--case", action="append", choices=CASE_NAMES, help="GPU: only this case (repeatable)")
     p.add_argument("--dtype", action="append", choices=["bfloat16", "float32", "float16"],
                    help="GPU: only this dtype (repeatable)")
+    p.add_argument("--fp32-precision", choices=["highest", "high"], default="highest",
+                   help="torch.set_float32_matmul_precision for the run: 'high' runs the fp32 rows on TF32 "
+                        "tensor cores, subquad's kernels and the gather's matmuls alike (recorded in the JSON)")
     args = p.parse_args(argv)
+    torch.set_float32_matmul_precision(args.fp32_precision)
     dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
     run(args.quick, args.out, args.budget, args.device, args.threads, args.case, dtypes)
     return 0
