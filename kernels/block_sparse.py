@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.common import save_with_rest, saved_with_rest
 from .common import empty, first_order_only, fp32_dot_precision
 
 __all__ = ["load_rows", "fwd_update", "fwd_finish", "dq_update", "dkdv_update", "q_walk_init", "q_walk_step",
@@ -142,9 +143,6 @@ def q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_
         tl.store(LSE + stat_rows, lse, mask=q_ok)
 
 
-_TABLE = object()  # marks where a saved tensor goes back into meta
-
-
 class Family(NamedTuple):
     """A family's launchers, ``fwd(q, k, v, *meta) -> (o, lse)`` and ``bwd(q, k, v, o, lse, do, *meta)
     -> (dq, dk, dv)``, and how its ``meta`` crosses a torch custom op under ``torch.compile``:
@@ -176,16 +174,13 @@ class BlockSparseFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, family, *meta):
         o, lse = family.fwd(q, k, v, *meta)
-        ctx.save_for_backward(q, k, v, o, lse, *[m for m in meta if torch.is_tensor(m)])
+        save_with_rest(ctx, (q, k, v, o, lse), meta)
         ctx.bwd = family.bwd
-        ctx.meta = [_TABLE if torch.is_tensor(m) else m for m in meta]
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, *tables = ctx.saved_tensors
-        tables = iter(tables)
-        meta = [next(tables) if m is _TABLE else m for m in ctx.meta]
+        (q, k, v, o, lse), meta = saved_with_rest(ctx)
         dq, dk, dv = first_order_only(ctx.bwd(q, k, v, o, lse, do.contiguous(), *meta), q, k, v)
         return (dq, dk, dv, None) + (None,) * len(meta)
 

@@ -6,23 +6,35 @@ from typing import Callable
 
 import torch
 
-_SAVED = object()  # marks where a saved tensor goes back into the non-differentiable arguments
+_SAVED = object()  # marks where a saved tensor goes back into the other arguments
+
+
+def save_with_rest(ctx, tensors, rest) -> None:
+    """For an autograd Function: saves ``tensors`` and the tensors among ``rest`` (index tables
+    beside scalars, ...) for the backward, keeping ``rest``'s other values on ctx."""
+    ctx.save_for_backward(*tensors, *[x for x in rest if torch.is_tensor(x)])
+    ctx.n_lead = len(tensors)
+    ctx.rest = [_SAVED if torch.is_tensor(x) else x for x in rest]
+
+
+def saved_with_rest(ctx):
+    """(tensors, rest) as given to ``save_with_rest``, in the backward."""
+    saved = ctx.saved_tensors
+    more = iter(saved[ctx.n_lead:])
+    return saved[:ctx.n_lead], [next(more) if x is _SAVED else x for x in ctx.rest]
 
 
 class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, q, k, v, *rest):
         ctx.fn = fn
-        ctx.save_for_backward(q, k, v, *[x for x in rest if torch.is_tensor(x)])
-        ctx.rest = [_SAVED if torch.is_tensor(x) else x for x in rest]
+        save_with_rest(ctx, (q, k, v), rest)
         with torch.no_grad():
             return fn(q, k, v, *rest)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, *saved = ctx.saved_tensors
-        saved = iter(saved)
-        rest = [next(saved) if x is _SAVED else x for x in ctx.rest]
+        (q, k, v), rest = saved_with_rest(ctx)
         wanted = ctx.needs_input_grad[1:4]
         # Under backward(create_graph=True) the gradients must carry history (a double backward):
         # recompute from the saved inputs themselves, through one view per role (q and k may be one

@@ -80,7 +80,8 @@ def lightning_attention(
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. Same dtype (float32, float16, bfloat16; under
-            torch.autocast any of them, cast to its dtype as for SDPA) and device. K and V may differ; the Triton backend takes 16 <= K, V <= 256.
+            torch.autocast any of them, cast to its dtype as for SDPA) and device. K and V may
+            differ; the Triton backend takes 16 <= K, V <= 256.
         decay: ``None`` (no decay) or a float tensor ``[H]`` of rates ``s_h >= 0``. Not
             differentiable (an error is raised if it requires grad); see ``lightning_slopes``.
         scale: defaults to ``K ** -0.5``; pass 1.0 for the original lightning code's convention.
