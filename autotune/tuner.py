@@ -5,7 +5,7 @@ config, it keys on arguments we do not want as keys (sequence length must never 
 re-tune or a recompile), and its choices die with the process. Here:
 
 * under ``TRITON_INTERPRET=1`` (or ``SUBQUAD_AUTOTUNE=0``) the first valid config of the space
-  is used, with no timing;
+  (after the configs ``first`` puts ahead for the bucket's dtype) is used, with no timing;
 * on a GPU, the first call for a (kernel, shape bucket) times every valid config of the space
   with ``triton.testing.do_bench`` on the real launch, drops configs that fail to compile (a
   config that spills registers is timed like any other: a spill outside the main loop costs
@@ -99,18 +99,28 @@ class Tuner:
     _lock = threading.Lock()
     _disk: Optional[dict] = None  # whole cache file, loaded once per process
 
-    def __init__(self, kernel: str, space: Iterable[Config], valid: Callable[[Config, tuple], bool] = None):
+    def __init__(self, kernel: str, space: Iterable[Config], valid: Callable[[Config, tuple], bool] = None,
+                 first: Optional[Dict[str, Iterable[Config]]] = None):
         self.kernel = kernel
         self.space: List[Config] = list(dict.fromkeys(space))  # order kept, repeats dropped
         self.valid = valid or (lambda cfg, bucket: True)
+        # {dtype key: configs}: for buckets of that dtype (bucket[0]) these come before the space,
+        # so the default differs: fp32's FMA dots and tf32's 4-byte operands hold more registers
+        # than the 16-bit dots the space's first configs were chosen for, and spill with them
+        self.first = {key: list(cfgs) for key, cfgs in (first or {}).items()}
         self._memo: Dict[tuple, Config] = {}
         self._defaults: Dict[tuple, Config] = {}
 
     def candidates(self, bucket: tuple) -> List[Config]:
-        cands = [c for c in self.space if self.valid(c, bucket)]
+        head = self.first.get(bucket[0], []) if bucket else []
+        cands = [c for c in dict.fromkeys(head + self.space) if self.valid(c, bucket)]
         if not cands:
             raise RuntimeError(f"subquad: no config of {self.kernel} fits bucket {bucket}")
         return cands
+
+    def configs(self) -> List[Config]:
+        """Every config this tuner may run for some bucket: the ``first`` ones, then the space."""
+        return list(dict.fromkeys([c for cfgs in self.first.values() for c in cfgs] + self.space))
 
     def default(self, bucket: tuple) -> Config:
         if bucket not in self._defaults:  # launchers ask per call: filtering the space costs us

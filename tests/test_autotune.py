@@ -22,6 +22,20 @@ def test_interpreter_uses_default_without_timing():
     assert cfg == Config({"BV": 32}) and not called
 
 
+def test_first_configs_lead_for_their_dtype_only():
+    """``first`` puts configs before the space for buckets of one dtype (fp32's defaults differ from
+    fp16's, which spill for it); other dtypes keep the space's order; the valid filter still holds;
+    ``configs()`` lists every config some bucket may run (the per-config tests walk it)."""
+    small, big, huge = Config({"BV": 16}), Config({"BV": 64}), Config({"BV": 256})
+    t = Tuner("t-first", [big, Config({"BV": 32}), huge], lambda c, b: c.kw["BV"] <= b[1],
+              first={"float32": [huge, small]})
+    assert t.default(("float16", 128)) == big
+    assert t.default(("float32", 128)) == small  # huge is not valid at 128
+    assert t.candidates(("float32", 512)) == [huge, small, big, Config({"BV": 32})]
+    assert t.candidates(("tf32", 512))[0] == big
+    assert t.configs() == [huge, small, big, Config({"BV": 32})]
+
+
 def test_disk_cache_is_reused_by_a_new_process(tmp_path, monkeypatch):
     monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
