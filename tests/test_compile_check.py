@@ -139,6 +139,24 @@ def _cuobjdump_available():
         return False
 
 
+def test_check_compiles_the_defaults_of_tf32_buckets():
+    """``--dtypes tf32`` checks the configs the tuners pick for tf32 buckets (keyed apart from
+    float32's, with defaults of their own), not float32's. No compile: only the jobs."""
+    from subquad.autotune import spaces
+
+    def chosen(dtype):
+        jobs, errors = check.collect_jobs(["neighborhood", "routing"], [dtype], [(128, 128)], [90], used_only=True)
+        assert jobs and not errors, errors
+        return {(j.kernel, j.config) for j in jobs}
+
+    tf32, fp32 = chosen("tf32"), chosen("float32")
+    for tuner, bucket in ((spaces.NEIGHBORHOOD_BWD_DKDV, (128, 3, False)), (spaces.ROUTING_BWD_DKDV, (128, 64, 64))):
+        own, ieee = tuner.default(("tf32", *bucket)), tuner.default(("float32", *bucket))
+        assert own != ieee  # the case this test is about: tf32 has a default of its own here
+        assert (tuner.kernel, own) in tf32 and (tuner.kernel, own) not in fp32
+        assert (tuner.kernel, ieee) in fp32 and (tuner.kernel, ieee) not in tf32
+
+
 # 64 and 128 cost about 2 minutes on 2 cores with a cold triton cache; 256 would add about 1.5 more
 # (SUBQUAD_CHECK_HEAD_DIMS=64,128,256 to include it; the full space: python -m subquad.autotune check).
 DIMS = tuple(int(d) for d in os.environ.get("SUBQUAD_CHECK_HEAD_DIMS", "64,128").split(",") if d.strip())
