@@ -2,9 +2,13 @@
 
 Order matters: the first config valid for a shape bucket is the default (used under the
 interpreter and when tuning is off), so each space starts with a config that compiles without
-spills on sm_80 and sm_90 for every head dim it accepts (checked by ``python -m subquad.autotune
-check``). Buckets never contain the sequence length.
+spills on sm_80 and sm_90 for every head dim it accepts, for 16-bit inputs; where that config
+spills for 4-byte inputs, the tuner's ``first`` configs lead for fp32 and tf32 buckets (checked by
+``python -m subquad.autotune check --dtypes float32,tf32 --used-only``). Buckets never contain the
+sequence length.
 """
+
+from typing import Sequence
 
 from .tuner import Config, Tuner
 
@@ -22,6 +26,17 @@ def pow2(n: int) -> int:
 
 def _c(num_warps=4, num_stages=2, **kw) -> Config:
     return Config(kw, num_warps, num_stages)
+
+
+def _fp32_first(*cfgs: Config, tf32: Sequence[Config] = ()) -> dict:
+    """``Tuner(first=...)`` for fp32 and tf32 buckets: configs found clean (no spill in a loop) for
+    4-byte inputs on sm_80 and sm_90 at head dims 32, 64, 128 with triton 3.6, where the space's
+    default, chosen for 16-bit inputs, spills (IEEE fp32 dots are FMA loops holding both operands
+    in registers; tf32 operands are twice fp16's size). They lead the space for those dtypes: the
+    default untuned, and timed first (like any other) when tuning. ``tf32``: configs that lead
+    for tf32 alone, where an fp32 one spills for it (register allocation is not monotonic in the
+    tile sizes; the valid filter keeps each to its class of buckets)."""
+    return {"float32": list(cfgs), "tf32": list(tf32) + list(cfgs)}
 
 
 def _state_fits(cfg: Config, bucket: tuple, per_thread: int) -> bool:
@@ -49,6 +64,7 @@ LIGHTNING_FWD = Tuner(
         _c(8, 2, BT=128, BK=64, BV=32),  # half the serial chunk steps, if it fits in registers
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
+    first=_fp32_first(_c(8, 2, BT=32, BK=64, BV=32)),  # the default spills 6.4 KB at D = 64
 )
 
 LIGHTNING_RECURRENT = Tuner(
@@ -75,6 +91,7 @@ LIGHTNING_BWD_DQ = Tuner(
         _c(8, 2, BT=128, BK=64, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
+    first=_fp32_first(_c(8, 2, BT=32, BK=64, BV=32)),
 )
 
 LIGHTNING_BWD_DKDV = Tuner(
@@ -88,6 +105,7 @@ LIGHTNING_BWD_DKDV = Tuner(
         _c(8, 1, BT=32, BK=128, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 32),
+    first=_fp32_first(_c(8, 1, BT=32, BK=32, BV=32)),  # the default spills 5.7 KB at D = 64
 )
 
 
@@ -212,8 +230,14 @@ _NA_KV_SPACE = [
 ]
 
 NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
-NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_DQ_SPACE, lambda c, b: _na_valid(c, b, 1))
-NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_KV_SPACE, lambda c, b: _na_valid(c, b, 2))
+NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_DQ_SPACE, lambda c, b: _na_valid(c, b, 1),
+                            first=_fp32_first(_na(8, 2, (1, 1, 64), (1, 1, 32)), _na(8, 2, (1, 8, 8), (1, 4, 8)),
+                                              _na(8, 2, (4, 4, 4), (2, 4, 4))))
+NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_KV_SPACE, lambda c, b: _na_valid(c, b, 2),
+                              first=_fp32_first(_na(4, 1, (1, 1, 16), (1, 1, 32)), _na(4, 1, (1, 4, 4), (1, 4, 8)),
+                                                _na(8, 1, (2, 2, 4), (2, 4, 4)),
+                                                # tf32 3-D: the (2,2,4) query box spills 64 B at D = 128, sm_90
+                                                tf32=[_na(8, 1, (2, 4, 4), (2, 4, 4))]))
 
 LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
 NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]
@@ -248,7 +272,8 @@ HIP_FWD = Tuner("hip_fwd", [
     _c(8, 1, BM=64, BN=64),
     _c(4, 2, BM=32, BN=64),
     _c(8, 2, BM=32, BN=64),
-], lambda c, b: _hip_valid(c, b, 1) and (not b[2] or c.num_warps == 4))  # decoding: 16-row tiles, 4 warps
+], lambda c, b: _hip_valid(c, b, 1) and (not b[2] or c.num_warps == 4),  # decoding: 16-row tiles, 4 warps
+    first=_fp32_first(_c(8, 2, BM=32, BN=64)))
 HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(8, 2, BM=64, BN=32),
     _c(4, 2, BM=64, BN=32),
@@ -259,7 +284,7 @@ HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(8, 1, BM=64, BN=32),
     _c(4, 1, BM=32, BN=32),
     _c(8, 2, BM=32, BN=32),
-], lambda c, b: _hip_valid(c, b, 1, True))
+], lambda c, b: _hip_valid(c, b, 1, True), first=_fp32_first(_c(4, 2, BM=32, BN=32)))
 HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(4, 1, BM=64, BN=32),
     _c(8, 2, BM=64, BN=32),
@@ -269,14 +294,15 @@ HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(8, 1, BM=64, BN=32),
     _c(8, 1, BM=32, BN=32),
 ], lambda c, b: _hip_valid(c, b, 2) and (pow2(b[1]) <= 128 or (c.num_warps, c.num_stages) == (8, 1)
-                                          and c.kw["BM"] <= 64 and c.kw["BN"] <= 32))
+                                          and c.kw["BM"] <= 64 and c.kw["BN"] <= 32),
+    first=_fp32_first(_c(8, 1, BM=32, BN=16)))
 HIP_BWD_DKDV_LOCAL = Tuner("hip_bwd_dkdv_local", [
     _c(8, 1, BM=32, BN=32),
     _c(4, 1, BM=32, BN=32),
     _c(8, 2, BM=64, BN=32),
     _c(8, 1, BM=64, BN=64),
     _c(4, 1, BM=16, BN=32),
-], lambda c, b: _hip_valid(c, b, 2))
+], lambda c, b: _hip_valid(c, b, 2), first=_fp32_first(_c(4, 1, BM=16, BN=32)))
 # split-K decoding: the combine of the parts (elementwise, BR rows a program; no tuning)
 HIP_COMBINE = Tuner("hip_combine", [_c(4, 1, BR=16)])
 HIP_ATTENTION = [HIP_FWD, HIP_BWD_DQ, HIP_BWD_DKDV_GATHER, HIP_BWD_DKDV_LOCAL, HIP_COMBINE]
@@ -318,7 +344,9 @@ ROUTING_FWD = Tuner("routing_fwd", [
     _rt(4, 2, 16, BM=16, BN=128),
     _rt(2, 2, 16, BM=16, BN=64),
     _rt(4, 2, 16, BM=16, BN=32),
-], lambda c, b: _rt_valid(c, b, "BM", 1))
+], lambda c, b: _rt_valid(c, b, "BM", 1),
+    # fp32 at D = 128 on sm_90: every 8-warp 64-row region tile spills (BN = 16 least, 224 B)
+    first=_fp32_first(_rt(16, 1, 64, BM=64, BN=16), _rt(8, 2, 32, BM=32, BN=16), _rt(8, 2, 16, BM=16, BN=32)))
 ROUTING_BWD_DQ = Tuner("routing_bwd_dq", [
     _rt(4, 2, 64, BM=64, BN=32),
     _rt(4, 2, 64, BM=64, BN=64),
@@ -329,7 +357,8 @@ ROUTING_BWD_DQ = Tuner("routing_bwd_dq", [
     _rt(4, 2, 16, BM=16, BN=32),
     _rt(4, 2, 16, BM=16, BN=64),
     _rt(2, 2, 16, BM=16, BN=32),
-], lambda c, b: _rt_valid(c, b, "BM", 1))
+], lambda c, b: _rt_valid(c, b, "BM", 1),
+    first=_fp32_first(_rt(8, 2, 64, BM=64, BN=32), _rt(4, 2, 32, BM=32, BN=32), _rt(4, 2, 16, BM=16, BN=16)))
 # dK/dV: BN = the KV tile (one region's slots), BM = the packed query tile of the inverse routing.
 ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
     _rt(4, 1, 64, BM=32, BN=64),
@@ -341,7 +370,10 @@ ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
     _rt(4, 1, 16, BM=32, BN=16),
     _rt(4, 1, 16, BM=64, BN=16),
     _rt(2, 1, 16, BM=32, BN=16),
-], lambda c, b: _rt_valid(c, b, "BN", 2))
+], lambda c, b: _rt_valid(c, b, "BN", 2),
+    first=_fp32_first(_rt(8, 1, 64, BM=16, BN=64), _rt(4, 1, 32, BM=16, BN=32), _rt(8, 1, 16, BM=32, BN=16),
+                      # tf32: 8 warps spill 160 B at D = 128 on sm_90; 4 only outside the loop
+                      tf32=[_rt(4, 1, 64, BM=16, BN=64)]))
 # the inverse routing of the backward (a prefix-sum compaction, no dots; no tuning)
 ROUTING_INVERSE = Tuner("routing_inverse", [_c(4, 1)])
 # routing itself: region means (a reduction) and affinity + top-k (tiny dots, a selection loop)

@@ -230,7 +230,7 @@ def test_split_k_decoding(monkeypatch):
 def _hip_configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.HIP_ATTENTION if len(t.space) > 1 for c in t.space]
+    return [(t, c) for t in spaces.HIP_ATTENTION if len(t.configs()) > 1 for c in t.configs()]
 
 
 @pytest.mark.parametrize("tuner,cfg", _hip_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())

@@ -117,7 +117,7 @@ _RANK_CASE = {
 def _na_configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.NEIGHBORHOOD for c in t.space]
+    return [(t, c) for t in spaces.NEIGHBORHOOD for c in t.configs()]
 
 
 @pytest.mark.parametrize("tuner,cfg", _na_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())

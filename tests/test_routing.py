@@ -202,7 +202,7 @@ _RS_CASE = {
 def _configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.ROUTING for c in t.space]
+    return [(t, c) for t in spaces.ROUTING for c in t.configs()]
 
 
 @pytest.mark.parametrize("tuner,cfg", _configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
