@@ -764,6 +764,8 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     kb = cdiv(topk, block_size_k)
     nqb = cdiv(Tq, block_size_q)
     blocks = torch.empty((B, H, nqb, kb), dtype=torch.int32, device=q.device)
+    if blocks.numel() == 0:  # an empty batch
+        return blocks
     if POISON:
         blocks.fill_(-7)  # never a valid entry: an unwritten slot fails the comparison
     prec = precision(q.dtype, follow_torch=False)

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .common import recomputed
+from .common import empty_output, recomputed
 
 Tensor = torch.Tensor
 IntOrTensor = Union[int, Tensor]
@@ -316,7 +316,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, stride=
     dt = q.dtype
     acc = torch.float64 if dt == torch.float64 else torch.float32
     if B == 0 or N == 0:
-        return q.new_zeros(B, *spatial, H, Dv)
+        return empty_output((B, *spatial, H, Dv), q.dtype, q, k, v)
     dev = q.device
     tq = query_tile_shape(spatial, ks) if q_tile is None else tuple(
         min(int(t), n) for t, n in zip(normalize_per_dim(q_tile, nd), spatial))

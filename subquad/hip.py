@@ -9,6 +9,7 @@ import torch
 
 from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, public_op, resolve_backend
 from .reference import hip as _ref
+from .reference.common import empty_output
 
 __all__ = ["hip_attention", "hip_mask", "HipMask", "TRITON_LIMITS"]
 
@@ -285,7 +286,9 @@ def hip_attention(
                                  "limit of 65535; split the batch")
     akw = dict(block_size_q=p["block_size_q"], block_size_k=p["block_size_k"], sink_tokens=p["sink_tokens"],
                window=win, scale=scale)
-    if backend == "triton":
+    if B == 0:  # an empty batch: no launch (and no autotuning on an empty grid)
+        o = empty_output(q.shape, q.dtype, q, k, v)
+    elif backend == "triton":
         from .kernels.hip import hip_sparse_attention
 
         o = hip_sparse_attention(q, k, v, mask.blocks, **akw)

@@ -10,6 +10,7 @@ import torch
 
 from ._checks import check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend
 from .reference import lightning as _ref
+from .reference.common import empty_output
 
 __all__ = ["lightning_attention", "lightning_slopes"]
 
@@ -146,8 +147,8 @@ def lightning_attention(
 
     s0 = None if initial_state is None else initial_state.float()
     dec = None if decay is None else decay.float()
-    if T == 0:
-        o = v.new_empty(B, 0, H, V)
+    if T == 0 or B == 0:  # nothing to compute: no launch (and no autotuning on an empty grid)
+        o = empty_output((B, T, H, V), v.dtype, q, k, v)
         if not output_final_state:
             return o, None
         final = s0 * 1.0 if s0 is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)

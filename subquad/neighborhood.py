@@ -10,6 +10,7 @@ import torch
 
 from ._checks import check_dim, check_same, check_scale, check_tensor, per_dim_ints, public_op, resolve_backend
 from .reference import neighborhood as _ref
+from .reference.common import empty_output
 
 __all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "neighborhood_speedup_bound"]
 
@@ -98,6 +99,9 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
     backend = resolve_backend(backend, q)
     if backend == "triton":
         check_dim("q", q.shape[-1], 16, 256, "head dim D")
+    if q.shape[0] == 0:  # an empty batch: no launch (and no autotuning on an empty grid)
+        return empty_output(q.shape, q.dtype, q, k, v)
+    if backend == "triton":
         from .kernels.block_sparse import block_sparse_attention
         from .kernels.neighborhood import NEIGHBORHOOD
 

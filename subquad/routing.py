@@ -9,6 +9,7 @@ import torch
 
 from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, public_op, resolve_backend
 from .reference import routing as _ref
+from .reference.common import empty_output
 
 __all__ = ["bilevel_routing_attention"]
 
@@ -27,8 +28,8 @@ def _check_qkv(q, k, v):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
     if q.shape[-1] < 1 or q.shape[-2] < 1:
         raise ValueError(f"q must have at least one head and head dim >= 1, got shape {tuple(q.shape)}")
-    if any(n < 1 for n in q.shape[:-2]):
-        raise ValueError(f"q must have non-empty batch and spatial dims, got shape {tuple(q.shape)}")
+    if any(n < 1 for n in q.shape[1:-2]):
+        raise ValueError(f"q must have non-empty spatial dims, got shape {tuple(q.shape)}")
 
 
 def check_region_args(spatial: Sequence[int], num_regions, topk) -> Tuple[Tuple[int, ...], int]:
@@ -137,12 +138,17 @@ def bilevel_routing_attention(
     scale = check_scale(scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_backend(backend, q)
+    B, H = q.shape[0], q.shape[-2]
     if backend == "triton":
         check_dim("q", q.shape[-1], 16, 128, "head dim D")
-        B, H = q.shape[0], q.shape[-2]
         if B * H > 65535:
             raise ValueError(f"q: batch x heads = {B} x {H} = {B * H} exceeds the Triton kernel's grid limit of "
                              "65535; split the batch")
+    if B == 0:  # an empty batch: nothing to route or launch
+        o = empty_output(q.shape, q.dtype, q, k, v)
+        idx = routing if isinstance(routing, torch.Tensor) else q.new_zeros(
+            (0, R, topk) if routing == "shared" else (0, H, R, topk), dtype=torch.int64)
+    elif backend == "triton":
         from .kernels.routing import routing_attention
 
         o, idx = routing_attention(q, k, v, ss, topk, scale, routing)

@@ -2,13 +2,15 @@
 torch.autocast it casts its fp32/fp16/bf16 inputs to the autocast dtype, as autocast does for SDPA
 (q and k in fp32 after RoPE with v in bf16 from a Linear layer is the common case), gradients
 flowing back in each input's own dtype (outside autocast, mixed dtypes are an error: tests of bad
-input); on CUDA it runs with its tensors' device current (Triton launches on the current one)."""
+input); on CUDA it runs with its tensors' device current (Triton launches on the current one); an
+empty batch gives an empty output that backward passes through, as torch's own ops do."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import subquad
 from helpers import FAMILIES, assert_close, randn
 
 
@@ -28,6 +30,28 @@ def test_autocast_casts_inputs(family, backend):
     o.float().sum().backward()
     assert q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32 and v.grad.dtype == dt
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_empty_batch(family, backend):
+    """B = 0 (the tail of a split batch, an empty bucket of a sampler): an empty output in the
+    autograd graph, empty gradients, no launch failing on an empty grid."""
+    q, k, v = (randn(0, 18, 2, 16, seed=s, requires_grad=True) for s in (0, 1, 2))
+    o = FAMILIES[family](q, k, v, backend)
+    assert o.shape == (0, 18, 2, 16) and o.dtype == q.dtype and o.requires_grad
+    o.sum().backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in (q, k, v))
+
+
+def test_empty_sequence_in_graph():
+    """lightning at T = 0 (its only empty-length case: the other families need T >= a window or
+    region count): the empty output is in the graph too."""
+    q, k, v = (randn(2, 0, 2, 16, seed=s, requires_grad=True) for s in (0, 1, 2))
+    for backend in ("reference", "triton"):
+        o, _ = subquad.lightning_attention(q, k, v, backend=backend)
+        o.sum().backward()
+        assert all(x.grad.shape == x.shape for x in (q, k, v))
 
 
 def test_autocast_casts_only_named_float_tensors():
