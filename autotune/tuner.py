@@ -11,7 +11,8 @@ re-tune or a recompile), and its choices die with the process. Here:
   config that spills registers is timed like any other: a spill outside the main loop costs
   nothing per step, one inside shows in the time; the cache notes it), and stores the winner
   in a JSON file keyed by (GPU name, triton version, digest of the kernels' source, kernel,
-  bucket), so a second process does not tune again and changed kernels are tuned afresh.
+  bucket), so a second process does not tune again and changed kernels are tuned afresh; a bucket
+  first met while a CUDA graph is being captured runs the default (timing would break the capture).
 
 The cache lives in ``$SUBQUAD_CACHE_DIR`` (default ``~/.cache/subquad``).
 """
@@ -80,6 +81,13 @@ def _code_tag() -> str:
     return digest.hexdigest()[:10]
 
 
+def _capturing() -> bool:
+    """A CUDA graph is being captured (a bucket first met inside a capture, not in its warm-up)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _device_tag(device) -> str:
     import torch
     import triton
@@ -140,6 +148,8 @@ class Tuner:
         disk = self._load()
         if key in disk:
             cfg = Config.from_json(disk[key]["config"])
+        elif _capturing():  # timing syncs, which breaks a CUDA graph capture: the default, not kept
+            return self.default(bucket)
         else:
             cfg, timings = self._tune(bucket, bench)
             self._store(key, {"config": cfg.to_json(), "ms": timings})

@@ -38,7 +38,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
+from .._checks import capturing
 from ..autotune import bench_launch, spaces
 from .common import cdiv, dtype_key, empty, first_order_only, fp32_dot_precision, pow2 as _pow2
 
@@ -297,10 +299,20 @@ def _geometry(q, v, cu_seqlens):
     return N, T, B, H, K, v.shape[-1]
 
 
+_MAX_LENS = WeakIdKeyDictionary()  # cu_seqlens tensor -> its longest sequence, as last read
+
+
 def _max_len(T, cu_seqlens) -> int:
+    """The longest sequence, which picks the recurrent or the chunked forward (both exact for any
+    length). Reading it from cu_seqlens is a host sync, which a CUDA graph capture forbids: there the
+    length read from the same tensor by the warm-up call is used, else T (an upper bound)."""
     if cu_seqlens is None:
         return T
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    if capturing(cu_seqlens):
+        return _MAX_LENS.get(cu_seqlens, T)
+    n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    _MAX_LENS[cu_seqlens] = n
+    return n
 
 
 def _bucket(q, K, V, decay):

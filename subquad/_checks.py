@@ -87,6 +87,13 @@ def public_op(*names: str):
     return deco
 
 
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (for x on a CUDA device). Then
+    nothing may read a device value on the host (a sync, which breaks the capture): value checks
+    are left to the warm-up call that a capture needs anyway, and no config is timed."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_same(ref_name: str, ref: torch.Tensor, **others):
     """Same dtype and device as ``ref`` for every tensor in ``others``."""
     for name, x in others.items():

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend
+from ._checks import capturing, check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend
 from .reference import lightning as _ref
 from .reference.common import empty_output
 
@@ -105,6 +105,9 @@ def lightning_attention(
     check_tensor("k", k, rank=4)
     check_tensor("v", v, rank=4)
     check_same("q", q, k=k, v=v)
+    # value checks read tensors: not in traced code (the custom op makes them when it runs) nor in
+    # a CUDA graph capture (the warm-up call before it made them)
+    read_values = not compiling and not capturing(q)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if k.shape != q.shape:
@@ -128,11 +131,11 @@ def lightning_attention(
                              "(pass decay.detach())")
         if decay.device != q.device:
             raise ValueError(f"decay must be on q's device ({q.device}), got {decay.device}")
-        if not compiling:  # value checks read the tensor: under torch.compile the op makes them
+        if read_values:
             _check_decay_values(decay)
     N = B
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T, values=not compiling)
+        _check_cu_seqlens(cu_seqlens, B, T, values=read_values)
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
         check_tensor("initial_state", initial_state, rank=4, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
@@ -177,8 +180,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: Optional[t
             output_final_state: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     from .kernels.lightning import lightning_fwd
 
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture cannot read values: its
-        if decay is not None:                                          # warm-up call checked them
+    if not capturing(q):  # a capture cannot read values: its warm-up call checked them
+        if decay is not None:
             _check_decay_values(decay)
         if cu_seqlens is not None:
             _check_cu_values(cu_seqlens, q.shape[1])

@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, public_op, resolve_backend
+from ._checks import (capturing, check_dim, check_same, check_scale, check_tensor, is_int, per_dim_ints, public_op,
+                      resolve_backend)
 from .reference import routing as _ref
 from .reference.common import empty_output
 
@@ -52,9 +53,9 @@ def check_region_args(spatial: Sequence[int], num_regions, topk) -> Tuple[Tuple[
     return ss, int(topk)
 
 
-def check_routing_tensor(routing: torch.Tensor, q: torch.Tensor, R: int, topk: int) -> None:
+def check_routing_tensor(routing: torch.Tensor, q: torch.Tensor, R: int, topk: int, values: bool = True) -> None:
     """A caller-supplied routing: int32/int64 ``[B, R, topk]`` or ``[B, H, R, topk]`` on q's device,
-    values in [0, R), no region twice in one row."""
+    values in [0, R), no region twice in one row (``values``: read them, a host sync)."""
     if routing.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"routing must be an int32 or int64 tensor of region indices, got "
                         f"{str(routing.dtype).replace('torch.', '')}")
@@ -65,12 +66,17 @@ def check_routing_tensor(routing: torch.Tensor, q: torch.Tensor, R: int, topk: i
     if tuple(routing.shape) not in shapes:
         raise ValueError(f"routing must have shape [B, R, topk] = {shapes[0]} or [B, H, R, topk] = {shapes[1]}, "
                          f"got {tuple(routing.shape)}")
-    if routing.numel() == 0:
+    if values:
+        _check_routing_values(routing, R)
+
+
+def _check_routing_values(routing: torch.Tensor, R: int) -> None:
+    if routing.numel() == 0 or capturing(routing):  # a capture cannot read values: its warm-up checked them
         return
     lo, hi = int(routing.min()), int(routing.max())
     if lo < 0 or hi >= R:
         raise ValueError(f"routing holds region indices outside [0, {R}): min {lo}, max {hi}")
-    if topk > 1:
+    if routing.shape[-1] > 1:
         srt = torch.sort(routing, dim=-1).values
         if bool((srt[..., 1:] == srt[..., :-1]).any()):
             raise ValueError("routing must not list a region twice for one query region (duplicate indices)")
@@ -130,7 +136,10 @@ def bilevel_routing_attention(
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES} or an index tensor, got {routing!r}")
     elif isinstance(routing, torch.Tensor):
-        check_routing_tensor(routing, q, R, topk)
+        compiling = torch.compiler.is_compiling()
+        check_routing_tensor(routing, q, R, topk, values=not compiling)
+        if compiling:  # traced code cannot read the values: the op checks them when it runs
+            routing = _check_routing_op(routing, R)
     else:
         raise TypeError(f"routing must be a str or a torch.Tensor, got {type(routing).__name__}")
     if not isinstance(return_routing, bool):
@@ -155,3 +164,16 @@ def bilevel_routing_attention(
     else:
         o, idx = _ref.bilevel_routing_attention(q, k, v, ss, topk, scale, routing)
     return (o, idx.to(torch.int64)) if return_routing else o
+
+
+@torch.library.custom_op("subquad::check_routing", mutates_args=())
+def _check_routing_op(routing: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """A supplied routing under torch.compile: its values checked when the compiled code runs
+    (raising ValueError as in eager), returned as a copy that the attention then reads."""
+    _check_routing_values(routing, num_regions)
+    return routing.clone()
+
+
+@_check_routing_op.register_fake
+def _check_routing_fake(routing, num_regions):
+    return torch.empty_like(routing)

@@ -106,6 +106,41 @@ def test_spilling_configs_compete_on_time(monkeypatch, tmp_path):
     Tuner.forget_memory()
 
 
+def test_no_timing_inside_a_cuda_graph_capture(monkeypatch, tmp_path):
+    """Timing syncs, which breaks a CUDA graph capture: a bucket first met inside one (a shape its
+    warm-up did not run) takes the default, untimed and not stored; a cached choice still holds."""
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: "FakeGPU")
+    Tuner.forget_memory()
+    space = [Config({"BV": 16}), Config({"BV": 32})]
+    t = Tuner("t-capture", space)
+    assert t.choose(("tuned",), FakeCuda(), lambda c: c.kw["BV"] == 16) == space[1]  # before the capture
+    monkeypatch.setattr(tuner_mod, "_capturing", lambda: True)
+    t2 = Tuner("t-capture", space)  # a new process's tuner: nothing memoised, the cache file holds "tuned"
+
+    def bench(cfg):
+        raise AssertionError("timed inside a capture")
+
+    assert t2.choose(("tuned",), FakeCuda(), bench) == space[1]
+    assert t2.choose(("new",), FakeCuda(), bench) == space[0]
+    monkeypatch.setattr(tuner_mod, "_capturing", lambda: False)
+    assert t2.choose(("new",), FakeCuda(), lambda c: c.kw["BV"] == 16) == space[1]  # tuned after all
+    Tuner.forget_memory()
+
+
+def test_lightning_varlen_length_inside_a_capture(monkeypatch):
+    """The recurrent-or-chunked choice reads the longest packed sequence (a host sync); inside a
+    CUDA graph capture it takes what the warm-up read from the same cu_seqlens, else T."""
+    from subquad.kernels import lightning as kl
+
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    assert kl._max_len(12, cu) == 7
+    monkeypatch.setattr(kl, "capturing", lambda t: True)
+    assert kl._max_len(12, cu) == 7
+    assert kl._max_len(12, cu.clone()) == 12
+
+
 @pytest.mark.parametrize("tuner", spaces.LIGHTNING, ids=lambda t: t.kernel)
 @pytest.mark.parametrize("K,V", [(16, 16), (64, 64), (100, 40), (128, 128), (256, 256)])
 def test_every_lightning_space_has_a_default_for_supported_head_dims(tuner, K, V):

@@ -1,6 +1,7 @@
-"""torch.compile: every Triton path (lightning, neighborhood, routing, HiP) traces to one graph with
-no graph break, its kernels as opaque custom ops (``subquad::*``), and computes what eager computes,
-forward and gradients. The custom ops pass torch's own registration checks (``opcheck``)."""
+"""torch.compile: every Triton path (lightning, neighborhood, routing with computed or supplied
+routing, HiP) traces to one graph with no graph break, its kernels as opaque custom ops
+(``subquad::*``), and computes what eager computes, forward and gradients. The custom ops pass
+torch's own registration checks (``opcheck``)."""
 
 import pytest
 import torch
@@ -19,6 +20,11 @@ OPS = {
         lambda q, k, v: subquad.bilevel_routing_attention(q, k, v, num_regions=5, topk=3, routing="per_head",
                                                           backend="triton"),
         (1, 23, 3, 16), None),
+    "routing 1-D, supplied": (
+        lambda q, k, v: subquad.bilevel_routing_attention(q, k, v, num_regions=3, topk=2, backend="triton",
+                                                          routing=torch.tensor([[[2, 0], [1, 2], [0, 1]]],
+                                                                               device=DEVICE)),
+        (1, 14, 2, 16), None),
     "neighborhood 2-D, stride, causal dim, GQA": (
         lambda q, k, v: subquad.na2d(q, k, v, (3, 5), stride=(1, 2), is_causal=(True, False), backend="triton"),
         (1, 9, 11, 4, 16), 2),
@@ -84,6 +90,19 @@ def test_compiled_lightning_checks_decay_values():
         fn(q, torch.tensor([-1.0, 0.0], device=DEVICE))
 
 
+def test_compiled_routing_checks_supplied_values():
+    """A supplied routing's values cannot be read by traced code: the compiled call checks them
+    when it runs, with eager's error (before, the check's host read broke the graph)."""
+    q = randn(1, 12, 2, 16)
+    fn = torch.compile(lambda q, r: subquad.bilevel_routing_attention(q, q, q, num_regions=3, topk=2, routing=r,
+                                                                      backend="triton"),
+                       backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        fn(q, torch.tensor([[[0, 1], [1, 3], [2, 0]]], device=DEVICE))
+    with pytest.raises(ValueError, match="twice"):
+        fn(q, torch.tensor([[[0, 1], [1, 1], [2, 0]]], device=DEVICE))
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the ops that
     torch.compile sees, checked by ``torch.library.opcheck`` on small routing / HiP / lightning
@@ -93,6 +112,7 @@ def test_custom_ops_pass_opcheck():
     idx = torch.ops.subquad.route_regions(q, k, list(g), 2, False)
     assert idx.shape == (1, 1, 4, 2) and idx.dtype == torch.int32
     torch.library.opcheck(torch.ops.subquad.route_regions.default, (q, k, list(g), 2, False))
+    torch.library.opcheck(torch.ops.subquad.check_routing.default, (idx[:, 0].long(), 4))
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     torch.library.opcheck(torch.ops.subquad.block_sparse_fwd.default,
                           ("routing", qg, kg, vg, [idx], list(g), 0.25))

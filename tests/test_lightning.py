@@ -10,7 +10,7 @@ import subquad
 from subquad.reference.lightning import lightning_attention as ref_chunked
 from subquad.reference.lightning import lightning_attention_naive
 
-from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn, replay_in_cuda_graph
 
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -279,3 +279,24 @@ def test_every_config(tuner, cfg, monkeypatch):
     T = 5 if tuner.kernel == "lightning_recurrent" else 70
     q, k, v, d, s0 = _inputs(1, T, 1, 100, 72, torch.float32, True, True)
     _check(q, k, v, d, s0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    """Serving captures decoding steps in CUDA graphs: one token a sequence with a state in and out,
+    and packed sequences, replay to the eager outputs bit for bit. Nothing in the op reads a device
+    value inside the capture: the decay and cu_seqlens checks ran in the warm-up, and the packed
+    sequences' longest length (5 here: the recurrent kernel; the bound T = 24 would pick the
+    chunked one, whose rounding differs) is the one the warm-up read from the same tensor."""
+    H, K = 2, 64
+    d = subquad.lightning_slopes(H).to(DEVICE)
+    q, k, v = (randn(4, 1, H, K, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3))
+    s0 = randn(4, H, K, K, seed=4)
+    qp, kp, vp = (randn(1, 24, H, K, dtype=torch.bfloat16, seed=s) for s in (5, 6, 7))
+    cu = torch.tensor([0, 5, 10, 15, 20, 24], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        for fn in (lambda: subquad.lightning_attention(q, k, v, d, initial_state=s0, output_final_state=True),
+                   lambda: subquad.lightning_attention(qp, kp, vp, d, cu_seqlens=cu, output_final_state=True)):
+            eager, replayed = replay_in_cuda_graph(fn)
+            for name, a, b in zip(("o", "final state"), eager, replayed):
+                assert torch.equal(a, b), name
