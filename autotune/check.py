@@ -256,7 +256,7 @@ def collect_jobs(
                     # units(cfg), the integer arguments a typical launch of cfg passes as 1
                     # (compiled as constants with as_launched)
                     buckets = list(spec[4]) if len(spec) > 4 and spec[4] is not None else [(dtype, K, V, True)]
-                    if dtype == "tf32":  # specs are built as float32; the tuners key tf32 apart
+                    if dtype == "tf32" and tuner.keys_tf32:  # specs are built as float32; tuners key tf32 apart
                         buckets = [("tf32", *b[1:]) if b and b[0] == "float32" else b for b in buckets]
                     chosen: Dict[Config, bool] = {}  # config -> default of some bucket
                     for bucket in buckets:

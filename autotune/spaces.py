@@ -2,10 +2,10 @@
 
 Order matters: the first config valid for a shape bucket is the default (used under the
 interpreter and when tuning is off), so each space starts with a config that compiles without
-spills on sm_80 and sm_90 for every head dim it accepts, for 16-bit inputs; where that config
-spills for 4-byte inputs, the tuner's ``first`` configs lead for fp32 and tf32 buckets (checked by
-``python -m subquad.autotune check --dtypes float32,tf32 --used-only``). Buckets never contain the
-sequence length.
+spills on sm_80 and sm_90 for 16-bit inputs; where that config spills for 4-byte inputs or at
+D = 256, the tuner's ``first`` configs lead for those dtypes (``_first``, ``_wide``; checked by
+``python -m subquad.autotune check --dtypes float32,tf32 --head-dims 32,64,128,256 --used-only``
+and the same for float16,bfloat16). Buckets never contain the sequence length.
 """
 
 from typing import Sequence
@@ -28,15 +28,30 @@ def _c(num_warps=4, num_stages=2, **kw) -> Config:
     return Config(kw, num_warps, num_stages)
 
 
-def _fp32_first(*cfgs: Config, tf32: Sequence[Config] = ()) -> dict:
-    """``Tuner(first=...)`` for fp32 and tf32 buckets: configs found clean (no spill in a loop) for
-    4-byte inputs on sm_80 and sm_90 at head dims 32, 64, 128 with triton 3.6, where the space's
-    default, chosen for 16-bit inputs, spills (IEEE fp32 dots are FMA loops holding both operands
-    in registers; tf32 operands are twice fp16's size). They lead the space for those dtypes: the
-    default untuned, and timed first (like any other) when tuning. ``tf32``: configs that lead
-    for tf32 alone, where an fp32 one spills for it (register allocation is not monotonic in the
-    tile sizes; the valid filter keeps each to its class of buckets)."""
-    return {"float32": list(cfgs), "tf32": list(tf32) + list(cfgs)}
+def _first(*fp32: Config, tf32: Sequence[Config] = (), half: Sequence[Config] = ()) -> dict:
+    """``Tuner(first=...)``: configs that lead the space for some dtypes, found clean (no spill in
+    a loop, shared memory within sm_80's) on sm_80 and sm_90 with triton 3.6 where the space's
+    default spills. They are the default untuned, and timed first (like any other) when tuning.
+    ``fp32``: for fp32 and tf32 buckets, at head dims 32-128 (the space's defaults are chosen for
+    16-bit inputs; IEEE fp32 dots are FMA loops holding both operands in registers, tf32 operands
+    are twice fp16's size); ``tf32``: for tf32 alone, where an fp32 one spills for it (register
+    allocation is not monotonic in the tile sizes); ``half``: for fp16 and bf16 (at D = 256, marked
+    ``_wide``). The valid filter keeps each config to its class of buckets."""
+    first = {"float32": list(fp32), "tf32": list(tf32) + list(fp32)}
+    if half:
+        first.update(float16=list(half), bfloat16=list(half))
+    return first
+
+
+def _wide(cfg: Config) -> Config:
+    """``cfg`` for head dims above 128 only (the valid filters read the marker ``DMIN``; the
+    launchers ignore it): at D = 256 tiles that fit at 128 can spill, and for 4-byte inputs
+    overflow sm_80's shared memory (163 KB; FMA dots stage both operands there)."""
+    return Config({**cfg.kw, "DMIN": 256}, cfg.num_warps, cfg.num_stages)
+
+
+def _head_dim_fits(cfg: Config, D: int) -> bool:
+    return pow2(D) >= cfg.kw.get("DMIN", 0)
 
 
 def _state_fits(cfg: Config, bucket: tuple, per_thread: int) -> bool:
@@ -64,7 +79,7 @@ LIGHTNING_FWD = Tuner(
         _c(8, 2, BT=128, BK=64, BV=32),  # half the serial chunk steps, if it fits in registers
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
-    first=_fp32_first(_c(8, 2, BT=32, BK=64, BV=32)),  # the default spills 6.4 KB at D = 64
+    first=_first(_c(8, 2, BT=32, BK=64, BV=32)),  # the default spills 6.4 KB at D = 64
 )
 
 LIGHTNING_RECURRENT = Tuner(
@@ -91,7 +106,7 @@ LIGHTNING_BWD_DQ = Tuner(
         _c(8, 2, BT=128, BK=64, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 64),
-    first=_fp32_first(_c(8, 2, BT=32, BK=64, BV=32)),
+    first=_first(_c(8, 2, BT=32, BK=64, BV=32)),
 )
 
 LIGHTNING_BWD_DKDV = Tuner(
@@ -105,7 +120,7 @@ LIGHTNING_BWD_DKDV = Tuner(
         _c(8, 1, BT=32, BK=128, BV=32),
     ],
     lambda cfg, b: _state_fits(cfg, b, 32),
-    first=_fp32_first(_c(8, 1, BT=32, BK=32, BV=32)),  # the default spills 5.7 KB at D = 64
+    first=_first(_c(8, 1, BT=32, BK=32, BV=32)),  # the default spills 5.7 KB at D = 64
 )
 
 
@@ -120,7 +135,7 @@ def _na(w, st, tq, tk, tma=False, rank=None):
 
 def _na_valid(cfg: Config, bucket: tuple, acc_tiles: int) -> bool:
     dtype, D, rank = bucket[:3]
-    if cfg.kw["R"] != rank:
+    if cfg.kw["R"] != rank or not _head_dim_fits(cfg, D):
         return False
     if cfg.kw.get("TMA") and D * (4 if dtype in ("float32", "tf32") else 2) % 16:
         return False  # a TMA row must be a multiple of 16 bytes
@@ -229,15 +244,28 @@ _NA_KV_SPACE = [
     _na(8, 2, (1, 4, 8), (2, 8, 8), rank=3),
 ]
 
-NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1))
+# D = 256 (fp32 and tf32, sm_80 and sm_90, triton 3.6): the 16-bit forward default needs 213 KB of
+# shared memory for 4-byte inputs (sm_80 has 163 KB) and spills; 64 x 32 tiles at 2 stages fit
+# (140 KB on sm_80, no spill in a loop). dQ: 32 x 32 tiles (tf32 at 1 stage: 2 stages come within
+# 3 KB of sm_80's limit). dK/dV: 8 warps where 4 spill.
+NEIGHBORHOOD_FWD = Tuner("neighborhood_fwd", _NA_Q_SPACE, lambda c, b: _na_valid(c, b, 1),
+                         first=_first(*(_wide(_na(8, 2, tq, tk)) for tq, tk in (
+                             ((1, 1, 64), (1, 1, 32)), ((1, 8, 8), (1, 4, 8)), ((4, 4, 4), (2, 4, 4))))))
 NEIGHBORHOOD_BWD_DQ = Tuner("neighborhood_bwd_dq", _NA_DQ_SPACE, lambda c, b: _na_valid(c, b, 1),
-                            first=_fp32_first(_na(8, 2, (1, 1, 64), (1, 1, 32)), _na(8, 2, (1, 8, 8), (1, 4, 8)),
-                                              _na(8, 2, (4, 4, 4), (2, 4, 4))))
+                            first=_first(
+                                *(_wide(_na(8, 2, t, t)) for t in ((1, 1, 32), (1, 4, 8), (2, 4, 4))),
+                                _na(8, 2, (1, 1, 64), (1, 1, 32)), _na(8, 2, (1, 8, 8), (1, 4, 8)),
+                                _na(8, 2, (4, 4, 4), (2, 4, 4)),
+                                tf32=[_wide(_na(8, 1, t, t)) for t in ((1, 1, 32), (1, 4, 8), (2, 4, 4))],
+                                half=[_wide(_na(8, 2, (2, 4, 4), (2, 4, 4)))]))  # 4 warps spill on sm_80
 NEIGHBORHOOD_BWD_DKDV = Tuner("neighborhood_bwd_dkdv", _NA_KV_SPACE, lambda c, b: _na_valid(c, b, 2),
-                              first=_fp32_first(_na(4, 1, (1, 1, 16), (1, 1, 32)), _na(4, 1, (1, 4, 4), (1, 4, 8)),
-                                                _na(8, 1, (2, 2, 4), (2, 4, 4)),
-                                                # tf32 3-D: the (2,2,4) query box spills 64 B at D = 128, sm_90
-                                                tf32=[_na(8, 1, (2, 4, 4), (2, 4, 4))]))
+                              first=_first(_wide(_na(8, 1, (1, 1, 16), (1, 1, 32))),
+                                           _wide(_na(8, 1, (1, 4, 4), (1, 4, 8))),
+                                           _na(4, 1, (1, 1, 16), (1, 1, 32)), _na(4, 1, (1, 4, 4), (1, 4, 8)),
+                                           _na(8, 1, (2, 2, 4), (2, 4, 4)),
+                                           # tf32 3-D: the (2,2,4) query box spills 64 B at D = 128, sm_90
+                                           tf32=[_na(8, 1, (2, 4, 4), (2, 4, 4))],
+                                           half=[_wide(_na(8, 1, (1, 4, 8), (1, 4, 8)))]))  # 4 warps spill, sm_80
 
 LIGHTNING = [LIGHTNING_FWD, LIGHTNING_RECURRENT, LIGHTNING_BWD_DQ, LIGHTNING_BWD_DKDV]
 NEIGHBORHOOD = [NEIGHBORHOOD_FWD, NEIGHBORHOOD_BWD_DQ, NEIGHBORHOOD_BWD_DKDV]
@@ -252,6 +280,8 @@ def _hip_valid(cfg: Config, bucket: tuple, acc_tiles: int, small_above_128: bool
     32 x 32 tiles (dQ spills with larger ones at D = 256; the gathered dK/dV kernel needs 8 warps,
     one stage, BM <= 64 and BN = 32 there)."""
     D = bucket[1]
+    if not _head_dim_fits(cfg, D):
+        return False
     if small_above_128 and pow2(D) > 128 and cfg.kw["BM"] * cfg.kw["BN"] > 32 * 32:
         return False
     rows = cfg.kw["BM"] if acc_tiles == 1 else cfg.kw["BN"]
@@ -273,7 +303,10 @@ HIP_FWD = Tuner("hip_fwd", [
     _c(4, 2, BM=32, BN=64),
     _c(8, 2, BM=32, BN=64),
 ], lambda c, b: _hip_valid(c, b, 1) and (not b[2] or c.num_warps == 4),  # decoding: 16-row tiles, 4 warps
-    first=_fp32_first(_c(8, 2, BM=32, BN=64)))
+    # D = 256: BM=32, BN=64 needs 172 KB of shared memory on sm_80 (163 KB) and spills; decoding's
+    # 4-warp default (BM=64, BN=64 clamped to 16 rows) spills 700 B
+    first=_first(_wide(_c(8, 2, BM=32, BN=16)), _wide(_c(4, 2, BM=64, BN=16)), _c(8, 2, BM=32, BN=64),
+                 tf32=[_wide(_c(8, 2, BM=32, BN=32)), _wide(_c(4, 2, BM=64, BN=32))]))
 HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(8, 2, BM=64, BN=32),
     _c(4, 2, BM=64, BN=32),
@@ -284,7 +317,8 @@ HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(8, 1, BM=64, BN=32),
     _c(4, 1, BM=32, BN=32),
     _c(8, 2, BM=32, BN=32),
-], lambda c, b: _hip_valid(c, b, 1, True), first=_fp32_first(_c(4, 2, BM=32, BN=32)))
+], lambda c, b: _hip_valid(c, b, 1, True),  # fp32 D = 256: 4 warps spill 6.4 KB
+    first=_first(_wide(_c(8, 2, BM=32, BN=16)), _c(4, 2, BM=32, BN=32), tf32=[_c(4, 2, BM=32, BN=32)]))
 HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(4, 1, BM=64, BN=32),
     _c(8, 2, BM=64, BN=32),
@@ -295,14 +329,14 @@ HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(8, 1, BM=32, BN=32),
 ], lambda c, b: _hip_valid(c, b, 2) and (pow2(b[1]) <= 128 or (c.num_warps, c.num_stages) == (8, 1)
                                           and c.kw["BM"] <= 64 and c.kw["BN"] <= 32),
-    first=_fp32_first(_c(8, 1, BM=32, BN=16)))
+    first=_first(_c(8, 1, BM=32, BN=16)))
 HIP_BWD_DKDV_LOCAL = Tuner("hip_bwd_dkdv_local", [
     _c(8, 1, BM=32, BN=32),
     _c(4, 1, BM=32, BN=32),
     _c(8, 2, BM=64, BN=32),
     _c(8, 1, BM=64, BN=64),
     _c(4, 1, BM=16, BN=32),
-], lambda c, b: _hip_valid(c, b, 2), first=_fp32_first(_c(4, 1, BM=16, BN=32)))
+], lambda c, b: _hip_valid(c, b, 2), first=_first(_wide(_c(8, 1, BM=16, BN=32)), _c(4, 1, BM=16, BN=32)))
 # split-K decoding: the combine of the parts (elementwise, BR rows a program; no tuning)
 HIP_COMBINE = Tuner("hip_combine", [_c(4, 1, BR=16)])
 HIP_ATTENTION = [HIP_FWD, HIP_BWD_DQ, HIP_BWD_DKDV_GATHER, HIP_BWD_DKDV_LOCAL, HIP_COMBINE]
@@ -346,7 +380,7 @@ ROUTING_FWD = Tuner("routing_fwd", [
     _rt(4, 2, 16, BM=16, BN=32),
 ], lambda c, b: _rt_valid(c, b, "BM", 1),
     # fp32 at D = 128 on sm_90: every 8-warp 64-row region tile spills (BN = 16 least, 224 B)
-    first=_fp32_first(_rt(16, 1, 64, BM=64, BN=16), _rt(8, 2, 32, BM=32, BN=16), _rt(8, 2, 16, BM=16, BN=32)))
+    first=_first(_rt(16, 1, 64, BM=64, BN=16), _rt(8, 2, 32, BM=32, BN=16), _rt(8, 2, 16, BM=16, BN=32)))
 ROUTING_BWD_DQ = Tuner("routing_bwd_dq", [
     _rt(4, 2, 64, BM=64, BN=32),
     _rt(4, 2, 64, BM=64, BN=64),
@@ -358,7 +392,7 @@ ROUTING_BWD_DQ = Tuner("routing_bwd_dq", [
     _rt(4, 2, 16, BM=16, BN=64),
     _rt(2, 2, 16, BM=16, BN=32),
 ], lambda c, b: _rt_valid(c, b, "BM", 1),
-    first=_fp32_first(_rt(8, 2, 64, BM=64, BN=32), _rt(4, 2, 32, BM=32, BN=32), _rt(4, 2, 16, BM=16, BN=16)))
+    first=_first(_rt(8, 2, 64, BM=64, BN=32), _rt(4, 2, 32, BM=32, BN=32), _rt(4, 2, 16, BM=16, BN=16)))
 # dK/dV: BN = the KV tile (one region's slots), BM = the packed query tile of the inverse routing.
 ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
     _rt(4, 1, 64, BM=32, BN=64),
@@ -371,7 +405,7 @@ ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
     _rt(4, 1, 16, BM=64, BN=16),
     _rt(2, 1, 16, BM=32, BN=16),
 ], lambda c, b: _rt_valid(c, b, "BN", 2),
-    first=_fp32_first(_rt(8, 1, 64, BM=16, BN=64), _rt(4, 1, 32, BM=16, BN=32), _rt(8, 1, 16, BM=32, BN=16),
+    first=_first(_rt(8, 1, 64, BM=16, BN=64), _rt(4, 1, 32, BM=16, BN=32), _rt(8, 1, 16, BM=32, BN=16),
                       # tf32: 8 warps spill 160 B at D = 128 on sm_90; 4 only outside the loop
                       tf32=[_rt(4, 1, 64, BM=16, BN=64)]))
 # the inverse routing of the backward (a prefix-sum compaction, no dots; no tuning)
@@ -402,5 +436,6 @@ HIP_SELECT = Tuner("hip_select", [
     _c(4, 1, NR=128),
     _c(8, 1, NR=256),
     _c(4, 1, NR=32),
-], lambda c, b: b[0] != "float32" or c.kw.get("F32", 1) == 1)
+], lambda c, b: b[0] != "float32" or c.kw.get("F32", 1) == 1,
+    keys_tf32=False)  # IEEE dots whatever torch's setting: the ranking must match the reference's
 ALL = ALL + [HIP_SELECT]

@@ -108,8 +108,11 @@ class Tuner:
     _disk: Optional[dict] = None  # whole cache file, loaded once per process
 
     def __init__(self, kernel: str, space: Iterable[Config], valid: Callable[[Config, tuple], bool] = None,
-                 first: Optional[Dict[str, Iterable[Config]]] = None):
+                 first: Optional[Dict[str, Iterable[Config]]] = None, keys_tf32: bool = True):
         self.kernel = kernel
+        # whether fp32 buckets under torch's TF32 setting are keyed "tf32" (``dtype_key``); False for
+        # kernels whose dots stay IEEE whatever the setting (HiP's selection: its ranking)
+        self.keys_tf32 = keys_tf32
         self.space: List[Config] = list(dict.fromkeys(space))  # order kept, repeats dropped
         self.valid = valid or (lambda cfg, bucket: True)
         # {dtype key: configs}: for buckets of that dtype (bucket[0]) these come before the space,

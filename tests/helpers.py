@@ -63,6 +63,23 @@ def replay_in_cuda_graph(fn):
     return eager, out
 
 
+# config keys the launchers never pass to a kernel (they only steer the tuners' valid filters)
+_MARKERS = ("DMIN", "F32")
+
+
+def distinct_configs(configs):
+    """The configs a per-config test runs: all of them on a GPU, where warps and stages change the
+    compiled code; under the interpreter, which ignores those (and the tuners' markers), one per
+    distinct set of compile-time sizes, so a CPU run does not repeat identical work."""
+    configs = list(configs)
+    if HAS_CUDA:
+        return configs
+    seen = {}
+    for c in configs:
+        seen.setdefault(tuple(sorted((k, v) for k, v in c.kw.items() if k not in _MARKERS)), c)
+    return list(seen.values())
+
+
 # one small call per family, for cross-family tests: (q, k, v [1, 18, H, 16], backend) -> o
 FAMILIES = {
     "neighborhood": lambda q, k, v, backend: subquad.neighborhood_attention(q, k, v, 3, stride=2, backend=backend),

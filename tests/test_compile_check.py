@@ -157,6 +157,37 @@ def test_check_compiles_the_defaults_of_tf32_buckets():
         assert (tuner.kernel, ieee) in fp32 and (tuner.kernel, ieee) not in tf32
 
 
+def test_check_keeps_ieee_buckets_of_tf32_inputs():
+    """HiP's selection runs IEEE dots whatever torch's TF32 setting (its ranking must match the
+    reference's) and its launcher keys buckets by the plain dtype: the tf32 rows must compile the
+    float32 bucket's default, not a config the valid filter keeps from fp32 inputs."""
+    from subquad.autotune import spaces
+
+    jobs, errors = check.collect_jobs(["hip"], ["tf32"], [(256, 256)], [80], kernels=["hip_select"], used_only=True)
+    assert jobs and not errors, errors
+    assert {j.config for j in jobs} == {spaces.HIP_SELECT.default(("float32", 256, 256, 2, 32, False))}
+    assert all(j.config.kw.get("F32", 1) == 1 for j in jobs)
+
+
+def test_wide_head_dim_configs_reach_only_wide_buckets():
+    """The configs marked for D > 128 (``spaces._wide``) lead at D = 256 only: fp32 / tf32 ones
+    everywhere 4-byte inputs overflow sm_80's shared memory there, 16-bit ones where 4 warps spill."""
+    from subquad.autotune import spaces
+
+    for dtype in ("float32", "tf32"):
+        for tuner in (spaces.NEIGHBORHOOD_FWD, spaces.NEIGHBORHOOD_BWD_DQ):
+            for rank in (1, 2, 3):
+                assert tuner.default((dtype, 256, rank, False)).kw["DMIN"] == 256
+                assert all("DMIN" not in tuner.default((dtype, d, rank, False)).kw for d in (16, 64, 100, 128))
+        assert spaces.HIP_FWD.default((dtype, 256, False)).kw["DMIN"] == 256
+        assert "DMIN" not in spaces.HIP_FWD.default((dtype, 128, False)).kw
+    for dtype in ("float16", "bfloat16"):
+        assert spaces.NEIGHBORHOOD_BWD_DKDV.default((dtype, 256, 2, False)).kw["DMIN"] == 256
+        assert spaces.NEIGHBORHOOD_BWD_DQ.default((dtype, 256, 3, False)).kw["DMIN"] == 256
+        assert "DMIN" not in spaces.NEIGHBORHOOD_FWD.default((dtype, 256, 1, False)).kw
+        assert all("DMIN" not in t.default((dtype, 128, r, False)).kw for t in spaces.NEIGHBORHOOD for r in (1, 2, 3))
+
+
 # 64 and 128 cost about 2 minutes on 2 cores with a cold triton cache; 256 would add about 1.5 more
 # (SUBQUAD_CHECK_HEAD_DIMS=64,128,256 to include it; the full space: python -m subquad.autotune check).
 DIMS = tuple(int(d) for d in os.environ.get("SUBQUAD_CHECK_HEAD_DIMS", "64,128").split(",") if d.strip())

@@ -21,7 +21,7 @@ import torch
 from subquad.kernels.hip import hip_sparse_attention
 from subquad.reference import hip as ref
 
-from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, distinct_configs, randn
 
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -230,7 +230,7 @@ def test_split_k_decoding(monkeypatch):
 def _hip_configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.HIP_ATTENTION if len(t.configs()) > 1 for c in t.configs()]
+    return [(t, c) for t in spaces.HIP_ATTENTION if len(t.configs()) > 1 for c in distinct_configs(t.configs())]
 
 
 @pytest.mark.parametrize("tuner,cfg", _hip_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())

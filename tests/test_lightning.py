@@ -10,7 +10,7 @@ import subquad
 from subquad.reference.lightning import lightning_attention as ref_chunked
 from subquad.reference.lightning import lightning_attention_naive
 
-from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn, replay_in_cuda_graph
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, distinct_configs, randn, replay_in_cuda_graph
 
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -270,7 +270,7 @@ def _all_configs():
 
     bucket = ("float32", 100, 72, True)
     return [(t, c) for t in (spaces.LIGHTNING_FWD, spaces.LIGHTNING_RECURRENT, spaces.LIGHTNING_BWD_DQ,
-                             spaces.LIGHTNING_BWD_DKDV) for c in t.candidates(bucket)]
+                             spaces.LIGHTNING_BWD_DKDV) for c in distinct_configs(t.candidates(bucket))]
 
 
 @pytest.mark.parametrize("tuner,cfg", _all_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())

@@ -14,7 +14,7 @@ import subquad
 from subquad.kernels.neighborhood import _query_tiles
 from subquad.reference import neighborhood as ref
 
-from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, distinct_configs, randn
 
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -117,7 +117,7 @@ _RANK_CASE = {
 def _na_configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.NEIGHBORHOOD for c in t.configs()]
+    return [(t, c) for t in spaces.NEIGHBORHOOD for c in distinct_configs(t.configs())]
 
 
 @pytest.mark.parametrize("tuner,cfg", _na_configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())

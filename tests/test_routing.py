@@ -15,7 +15,7 @@ import subquad
 import subquad.nn
 from subquad.reference import routing as ref
 
-from helpers import DEVICE, KERNEL_DTYPES, assert_close, randn, replay_in_cuda_graph
+from helpers import DEVICE, KERNEL_DTYPES, assert_close, distinct_configs, randn, replay_in_cuda_graph
 
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -202,7 +202,7 @@ _RS_CASE = {
 def _configs():
     from subquad.autotune import spaces
 
-    return [(t, c) for t in spaces.ROUTING for c in t.configs()]
+    return [(t, c) for t in spaces.ROUTING for c in distinct_configs(t.configs())]
 
 
 @pytest.mark.parametrize("tuner,cfg", _configs(), ids=lambda x: getattr(x, "kernel", None) or x.name())
