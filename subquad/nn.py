@@ -34,11 +34,19 @@ class BiLevelRoutingAttention(nn.Module):
         topk: regions routed per region.
         qk_scale: the attention scale; default ``(C / num_heads) ** -0.5`` (per-head, the usual
             convention). BiFormer's released models used the full channel dim, ``C ** -0.5``:
-            pass ``qk_scale=dim ** -0.5`` to match them (and load their ``qkv``, ``lepe``,
-            ``wo`` weights into ``qkv``, ``lepe``, ``proj``).
+            pass ``qk_scale=dim ** -0.5`` to match them.
         side_dwconv: LePE kernel size (odd), 0 for no LePE.
         qkv_bias: bias in the qkv projection.
         backend: passed to ``bilevel_routing_attention`` ("auto": Triton on CUDA).
+
+    BiFormer's weights load as they are: ``load_state_dict`` takes the key names of BiFormer's
+    ``BiLevelRoutingAttention`` (``qkv.qkv.*``, ``wo.*``, ``lepe.*``) as well as this module's
+    (``qkv.*``, ``proj.*``, ``lepe.*``), also inside a larger model's state dict. Build the block
+    with BiFormer's ``dim, num_heads, n_win (num_regions), topk, side_dwconv, qkv_bias`` and
+    ``qk_scale=dim ** -0.5``: on sizes divisible by n_win it then computes what BiFormer's block
+    computes (the released configuration: ``param_attention="qkvo"``, ``kv_downsample_mode=
+    "identity"``, no routing parameters; a state dict holding routing weights, ``router.*``, is
+    refused: that routing is not this one).
 
     Differences from BiFormer's released code, by design: sizes not divisible by num_regions
     are not zero-padded into the routing and the softmax (region means count real tokens only,
@@ -63,6 +71,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
                      if side_dwconv > 0 else None)
         self.proj = nn.Linear(dim, dim)
+        self.register_load_state_dict_pre_hook(_biformer_keys)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         """x ``[B, Hi, Wi, C]`` -> ``[B, Hi, Wi, C]`` (and the routing ``[B, R, topk]`` if asked)."""
@@ -82,3 +91,19 @@ class BiLevelRoutingAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_regions={self.num_regions}, topk={self.topk}, "
                 f"scale={self.scale:.4g}, backend={self.backend!r}")
+
+
+_BIFORMER_NAMES = {"qkv.qkv.": "qkv.", "wo.": "proj."}  # BiFormer's key prefix -> this module's
+
+
+def _biformer_keys(module, state_dict, prefix, *_):
+    """Renames BiFormer's keys of this block in ``state_dict`` (in place, before loading)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        if local.startswith("router."):
+            raise ValueError(f"{key}: BiFormer's parametric routing (param_routing=True) has no counterpart here; "
+                             "subquad routes on the region means of q and k with no weights")
+        for old, new in _BIFORMER_NAMES.items():
+            if local.startswith(old):
+                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
+                break

@@ -292,6 +292,57 @@ def test_module_matches_plain_torch(backend, shape, heads, S, topk):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def _biformer_by_hand(sd, x, heads, n_win, topk, scale):
+    """BiFormer's block as its paper states it, from a state dict with BiFormer's key names, in
+    float64 (sizes divisible by n_win): windows of q, k, v; window means; affinity; top-k; the
+    routed windows' k, v gathered into one key set per window; attention per head; LePE; wo."""
+    x = x.double()
+    sd = {k: v.double() for k, v in sd.items()}
+    B, Hi, Wi, C = x.shape
+    hd = C // heads
+    q, k, v = F.linear(x, sd["qkv.qkv.weight"], sd.get("qkv.qkv.bias")).split(C, -1)
+
+    def windows(t):  # [B, Hi, Wi, C] -> [B, windows, tokens per window, C], windows row-major
+        t = t.reshape(B, n_win, Hi // n_win, n_win, Wi // n_win, C).permute(0, 1, 3, 2, 4, 5)
+        return t.reshape(B, n_win * n_win, -1, C)
+
+    qw, kw, vw = windows(q), windows(k), windows(v)
+    chosen = ((qw.mean(2) * scale) @ kw.mean(2).transpose(1, 2)).topk(topk, dim=-1).indices  # [B, R, topk]
+    batch = torch.arange(B)[:, None, None]
+    kg, vg = (t[batch, chosen].flatten(2, 3) for t in (kw, vw))  # [B, R, topk * tokens, C]
+    split = lambda t: t.unflatten(-1, (heads, hd)).transpose(2, 3)  # noqa: E731  [B, R, heads, tokens, hd]
+    att = torch.softmax((split(qw) @ split(kg).transpose(-1, -2)) * scale, -1) @ split(vg)
+    o = att.transpose(2, 3).flatten(-2)  # [B, R, tokens, C] -> image layout
+    o = o.reshape(B, n_win, n_win, Hi // n_win, Wi // n_win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hi, Wi, C)
+    lepe = F.conv2d(v.permute(0, 3, 1, 2), sd["lepe.weight"], sd["lepe.bias"],
+                    padding=sd["lepe.weight"].shape[-1] // 2, groups=C).permute(0, 2, 3, 1)
+    return F.linear(o + lepe, sd["wo.weight"], sd["wo.bias"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_module_loads_biformer_weights(backend):
+    """A state dict with BiFormer's key names (inside a larger model's, under a prefix) loads, and
+    the block then computes BiFormer's gather formulation at BiFormer's scale, C^-0.5."""
+    B, side, C, heads, n_win, topk = 2, 8, 32, 2, 4, 3
+    g = torch.Generator().manual_seed(3)
+    sd = {"qkv.qkv.weight": torch.randn(3 * C, C, generator=g) * C ** -0.5,
+          "qkv.qkv.bias": torch.randn(3 * C, generator=g),
+          "wo.weight": torch.randn(C, C, generator=g) * C ** -0.5, "wo.bias": torch.randn(C, generator=g),
+          "lepe.weight": torch.randn(C, 1, 5, 5, generator=g) * 0.2, "lepe.bias": torch.randn(C, generator=g)}
+    outer = torch.nn.Module()
+    outer.attn = subquad.nn.BiLevelRoutingAttention(C, num_heads=heads, num_regions=n_win, topk=topk,
+                                                    qk_scale=C ** -0.5, qkv_bias=True, backend=backend)
+    outer.load_state_dict({"attn." + k: v for k, v in sd.items()})  # strict: every key used, none missing
+    outer.to(DEVICE)
+    x = randn(B, side, side, C, seed=11)
+    want = _biformer_by_hand(sd, x.cpu(), heads, n_win, topk, C ** -0.5).to(DEVICE)
+    torch.testing.assert_close(outer.attn(x).double(), want, atol=2e-5, rtol=1e-4)
+    own = subquad.nn.BiLevelRoutingAttention(C, num_heads=heads, num_regions=n_win, topk=topk, qkv_bias=True)
+    own.load_state_dict(outer.attn.state_dict())  # its own names still load
+    with pytest.raises(ValueError, match=r"attn.router.emb.weight: BiFormer's parametric routing"):
+        outer.load_state_dict({"attn." + k: v for k, v in sd.items()} | {"attn.router.emb.weight": torch.eye(C)})
+
+
 def test_module_options():
     m = subquad.nn.BiLevelRoutingAttention(64, num_heads=4, num_regions=7, topk=4)
     assert m.scale == 16 ** -0.5 and m.lepe.kernel_size == (5, 5) and m.qkv.bias is None
