@@ -411,7 +411,9 @@ ROUTING_BWD_DKDV = Tuner("routing_bwd_dkdv", [
 # the inverse routing of the backward (a prefix-sum compaction, no dots; no tuning)
 ROUTING_INVERSE = Tuner("routing_inverse", [_c(4, 1)])
 # routing itself: region means (a reduction) and affinity + top-k (tiny dots, a selection loop)
-ROUTING_POOL = Tuner("routing_pool", [_c(4, 1)])
+# pooling (POOL_* in kernels/routing.py: 32 tokens x 64 channels a step): 8 warps hold it in 76-80
+# registers (4 warps: 116-142; 128 channels: 228-255 with spills), no spill on sm_80 / sm_90
+ROUTING_POOL = Tuner("routing_pool", [_c(8, 1)])
 # bucket = (the affinity block's width, pow2 of the region count): 8 warps past 64 (at 256, 4 warps
 # hold 254 registers a thread)
 ROUTING_SELECT = Tuner("routing_select", [_c(4, 1, BKMAX=64), _c(8, 1, BKMAX=256)],

@@ -13,12 +13,14 @@ outweighed the softmax (static SASS counts, sm_90: bench/README.md).
 
 Routing (``route_regions``, steps 2-3 of the reference) in two launches where the reference's
 torch ops take seven (BiFormer's small stages pay routing in host time per op): ``_pool_kernel``,
-one program per (region, 64 channels, batch), sums its region's real tokens of q and k (reads q
-and k once: 2 B N H D itemsize bytes) into fp32 means; ``_select_kernel``, one program per (16
-query regions, batch x routing head), computes their affinities to all R key regions (fp32 dots:
-2 B H D R^2 FLOPs in all) and picks the topk largest by topk rounds of a row max, ties to the
-lower index, as the reference's stable sort does. The sums run in another order than torch's, so
-a near tie can resolve the other way (the tests compare the chosen affinities in float64).
+one program per (band of region rows, group of 16 region columns, 64 channels, batch),
+reads its tokens in row-major runs and adds each run to its regions by one dot with a 0/1
+membership matrix (reads q and k once: 2 B N H D itemsize bytes) into fp32 means;
+``_select_kernel``, one program per (16 query regions, batch x routing head), computes their
+affinities to all R key regions (fp32 dots: 2 B H D R^2 FLOPs in all) and picks the topk largest
+by topk rounds of a row max, ties to the lower index, as the reference's stable sort does. The
+sums run in another order than torch's, so a near tie can resolve the other way (the tests
+compare the chosen affinities in float64).
 
 Walks (``idx`` = the routing ``[B, HR, R, topk]``, HR = 1 shared / H per head):
 * forward / dQ (``_route_q_kernel``): one program per (query tile, batch x head); a query tile is
@@ -56,7 +58,7 @@ from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buff
                            q_walk_init, q_walk_step, q_walk_store, register_family)
 from .common import cdiv, dtype_key, empty, pow2
 
-__all__ = ["ROUTING", "routing_attention", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
+__all__ = ["ROUTING", "routing_attention", "region_means", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
 
 
@@ -243,27 +245,46 @@ def _inverse_kernel(IDX, CNT, INV, R, TOPK, BR: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _pool_kernel(Q, K, MEANS, TAB, ntok, n2, R2, RT, HD, BT: tl.constexpr, BC: tl.constexpr,
-                 PADDED: tl.constexpr):
-    """Region means of q and k (step 2) for one region, one block of BC of the H D channels, one
-    batch: ``MEANS[b, r, 0 | 1, c]`` fp32, over the region's real tokens (0 for a region without)."""
-    reg = tl.program_id(0)
+def _pool_kernel(Q, K, MEANS, ntok, n1, n2, S1, S2, R1, R2, G, HD, BT: tl.constexpr, BS: tl.constexpr,
+                 BC: tl.constexpr, PREC: tl.constexpr):
+    """Region sums of q and k (step 2) for one band of R1 image rows, one group of BS region
+    columns (all of them when S2 <= BS), BC of the H D channels, one batch; writes the means,
+    ``MEANS[b, r, 0 | 1, c]`` fp32, over the region's real tokens (0 for a region without). The
+    group's real tokens are read in row-major runs of BT (a group spanning the width is one
+    contiguous run, whatever the region size) and each run is added to its region columns by one
+    ``tl.dot`` with a 0/1 membership matrix [BS, BT]: no region table, no lane idle on 4-token
+    regions (one program per region left 28 of 32 rows masked there)."""
+    band = tl.program_id(0) // G
+    grp = tl.program_id(0) % G
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     b = tl.program_id(2)
     c_ok = c < HD
+    rows = tl.minimum(R1, n1 - band * R1)  # real rows of the band (<= 0: padding only)
+    col0 = grp * BS * R2
+    width = tl.minimum(BS * R2, n2 - col0)  # real columns of the group (<= 0: padding only)
+    first = (band * R1 * n2 + col0).to(tl.int64)  # the group's first token
+    j = tl.arange(0, BS)
+    sq = tl.zeros([BS, BC], dtype=tl.float32)
+    sk = tl.zeros([BS, BC], dtype=tl.float32)
     base = b.to(tl.int64) * ntok * HD
-    sq = tl.zeros([BC], dtype=tl.float32)
-    sk = tl.zeros([BC], dtype=tl.float32)
-    for t in range(0, tl.cdiv(RT, BT)):
-        tok, ok = _region_tile(TAB, reg, t, BT, R2, RT, n2, PADDED)
-        off = base + tok.to(tl.int64)[:, None] * HD + c[None, :]
+    for i0 in range(0, rows * width, BT):
+        i = i0 + tl.arange(0, BT)
+        ok = i < rows * width
+        col = i % width
+        off = base + (first + (i // width) * n2 + col)[:, None] * HD + c[None, :]
         m = ok[:, None] & c_ok[None, :]
-        sq += tl.sum(tl.load(Q + off, mask=m, other=0.0).to(tl.float32), axis=0)
-        sk += tl.sum(tl.load(K + off, mask=m, other=0.0).to(tl.float32), axis=0)
-    cnt = tl.maximum(tl.load(TAB + reg * 3 + 1) * tl.load(TAB + reg * 3 + 2), 1).to(tl.float32)
-    out = MEANS + (b.to(tl.int64) * tl.num_programs(0) + reg) * (2 * HD) + c
-    tl.store(out, sq / cnt, mask=c_ok)
-    tl.store(out + HD, sk / cnt, mask=c_ok)
+        xq = tl.load(Q + off, mask=m, other=0.0)
+        xk = tl.load(K + off, mask=m, other=0.0)
+        member = ((col // R2)[None, :] == j[:, None]) & ok[None, :]
+        sq += tl.dot(member.to(xq.dtype), xq, input_precision=PREC)  # 0/1 weights: the sums, in fp32
+        sk += tl.dot(member.to(xk.dtype), xk, input_precision=PREC)
+    s2 = grp * BS + j
+    cols = tl.maximum(tl.minimum(R2, n2 - s2 * R2), 0)
+    cnt = tl.maximum(tl.maximum(rows, 0) * cols, 1).to(tl.float32)
+    out = MEANS + ((b * S1 + band) * S2 + s2).to(tl.int64)[:, None] * (2 * HD) + c[None, :]
+    m = (s2 < S2)[:, None] & c_ok[None, :]
+    tl.store(out, sq / cnt[:, None], mask=m)
+    tl.store(out + HD, sk / cnt[:, None], mask=m)
 
 
 @triton.jit
@@ -318,9 +339,26 @@ def inverse_routing(idx: torch.Tensor, R: int, block_rows: int = 0) -> Tuple[tor
     return cnt, inv
 
 
-POOL_TOKENS, POOL_CHANNELS = 32, 64  # one pooling step: 32 tokens x 64 channels of q and of k
+POOL_TOKENS, POOL_CHANNELS, POOL_COLUMNS = 32, 64, 16  # pooling: a step's tokens, channels; region columns
+# of a program (16: tl.dot's least M; wider groups would give a 1-D sequence fewer programs)
 SELECT_ROWS, SELECT_CHANNELS = 16, 32  # query regions per select program, channels per affinity dot
 SELECT_MAX_REGIONS = 256  # a select program holds [16, pow2(R)] affinities; above, torch's sort
+
+
+def region_means(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry) -> torch.Tensor:
+    """Step 2 of the reference for q, k ``[B, *spatial, H, D]`` contiguous: fp32 ``[B, R, 2, H D]``,
+    the mean of q (``[:, :, 0]``) and of k (``[:, :, 1]``) over each region's real tokens (0 for a
+    region of padding only). One launch; reads q and k once (2 B N H D itemsize bytes)."""
+    B, H, D = _dims(q)
+    HD = H * D
+    means = empty((B, g.R, 2, HD), torch.float32, q.device)
+    G = cdiv(g.S2, POOL_COLUMNS)
+    BC = min(POOL_CHANNELS, pow2(HD))  # HD >= 16
+    cfg = spaces.ROUTING_POOL.default(())
+    _pool_kernel[(g.S1 * G, cdiv(HD, BC), B)](
+        q, k, means, g.N, g.n1, g.n2, g.S1, g.S2, g.r1, g.r2, G, HD, BT=POOL_TOKENS, BS=POOL_COLUMNS, BC=BC,
+        PREC=precision(q.dtype, follow_torch=False), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return means
 
 
 def route_regions(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry, topk: int,
@@ -336,11 +374,7 @@ def route_regions(q: torch.Tensor, k: torch.Tensor, g: _ref.RegionGeometry, topk
         idx = _ref.route(q.reshape(B, g.N, H, D), k.reshape(B, g.N, H, D), g, topk, per_head)
         return (idx if per_head else idx[:, None]).to(torch.int32).contiguous()
     HD, HR = H * D, (H if per_head else 1)
-    means = empty((B, g.R, 2, HD), torch.float32, q.device)
-    cfg = spaces.ROUTING_POOL.default(())
-    _pool_kernel[(g.R, cdiv(HD, POOL_CHANNELS), B)](
-        q, k, means, region_table(g, q.device), g.N, g.n2, g.r2, g.RT, HD, BT=POOL_TOKENS, BC=POOL_CHANNELS,
-        PADDED=g.padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    means = region_means(q, k, g)
     idx = torch.empty((B, HR, g.R, topk), dtype=torch.int32, device=q.device)
     BK = pow2(g.R)
     cfg = spaces.ROUTING_SELECT.default((BK,))
@@ -517,9 +551,12 @@ def compile_specs(dtype: str, K: int, V: int):
     yield (spaces.ROUTING_INVERSE, _inverse_kernel, inv_sig, lambda c: dict(BR=INVERSE_ENTRIES // 16, BT=16), [()],
            lambda c: ["TOPK"])
     # routing: pooling (padded, the heavier variant) and the select kernel at its widest block
-    pool_sig = dict(Q=x, K=x, MEANS=f32, TAB=i32, **{name: "i32" for name in ["ntok", "n2", "R2", "RT", "HD"]})
+    pool_sig = dict(Q=x, K=x, MEANS=f32,
+                    **{name: "i32" for name in ["ntok", "n1", "n2", "S1", "S2", "R1", "R2", "G", "HD"]})
     yield (spaces.ROUTING_POOL, _pool_kernel, pool_sig,
-           lambda c: dict(BT=POOL_TOKENS, BC=POOL_CHANNELS, PADDED=True), [()], lambda c: ["R2"])
+           lambda c: dict(BT=POOL_TOKENS, BS=POOL_COLUMNS, BC=POOL_CHANNELS, PREC=precision(getattr(torch, dtype),
+                                                                                          follow_torch=False)),
+           [()], lambda c: ["n1", "S1", "R1", "G"])
     sel_sig = dict(MEANS=f32, IDX=i32, **{name: "i32" for name in ["R", "HD", "CH", "HR", "TOPK"]})
     yield (spaces.ROUTING_SELECT, _select_kernel, sel_sig,
            lambda c: dict(BQ=SELECT_ROWS, BK=c.kw["BKMAX"], BC=SELECT_CHANNELS), [(64,), (SELECT_MAX_REGIONS,)],

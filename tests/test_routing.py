@@ -140,6 +140,29 @@ def test_route_regions(B, spatial, H, D, S, topk, per_head, dtype):
     _assert_same_routing(got.long() if per_head else got[:, 0].long(), want, q, k, S, per_head)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("spatial,HD,S", [
+    ((14, 14), (8, 32), (7, 7)),    # BiFormer's stage 3: 4-token regions, 2 x 128 channels
+    ((11, 13), (2, 40), (3, 4)),    # padded in both dims, channels not a power of two
+    ((9, 10), (1, 16), (4, 4)),     # the last band and the last column group hold padding only
+    ((3, 75), (1, 24), (2, 37)),    # three groups of 16 region columns, a padded band of 1 row
+    ((70,), (1, 16), (35,)),        # 1-D, three column groups
+])
+def test_region_means(spatial, HD, S, dtype):
+    """The pooling kernel's region means of q and k vs the reference's, regions of padding only
+    included (mean 0)."""
+    from subquad.kernels.routing import region_means
+
+    B, (H, D) = 2, HD
+    q, k = (randn(B, *spatial, H, D, dtype=dtype, seed=s) for s in (4, 5))
+    g = ref.region_geometry(spatial, S)
+    got = region_means(q, k, g)
+    assert got.shape == (B, g.R, 2, H * D) and got.dtype == torch.float32
+    for i, x in enumerate((q, k)):
+        want = ref.region_means(x.reshape(B, g.N, H, D).double(), g).reshape(B, g.R, H * D)
+        torch.testing.assert_close(got[:, :, i].double(), want, atol=1e-6, rtol=1e-5)
+
+
 def test_route_regions_ties_and_many_regions():
     """Equal affinities go to the lower region index first, in order (as the reference's stable
     sort); more regions than the select kernel holds: the reference's ops, the same result."""
