@@ -19,7 +19,8 @@ lightning_slopes = _ref.lightning_slopes
 
 # Decay tensors whose values were checked, by identity (weak reference) and version counter: a
 # decoding loop passes the same decay every step, and checking its values on a GPU costs a device
-# sync. A new tensor, or an in-place change of a checked one, is checked again.
+# sync. A new tensor, or an in-place change of a checked one, is checked again (writes through
+# ``.data`` or NumPy do not bump the version counter: documented, not caught).
 _CHECKED_DECAYS: "OrderedDict[int, tuple]" = OrderedDict()
 
 
@@ -85,6 +86,8 @@ def lightning_attention(
             differ; the Triton backend takes 16 <= K, V <= 256.
         decay: ``None`` (no decay) or a float tensor ``[H]`` of rates ``s_h >= 0``. Not
             differentiable (an error is raised if it requires grad); see ``lightning_slopes``.
+            Its values are checked once per tensor and in-place change (version counter): a
+            write that bypasses the counter (``.data``, a NumPy view) is not re-checked.
         scale: defaults to ``K ** -0.5``; pass 1.0 for the original lightning code's convention.
         initial_state: ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens),
             any float dtype, used in fp32. Differentiable.
@@ -149,6 +152,8 @@ def lightning_attention(
         check_dim("v", V, 16, 256, "head dim V")
 
     s0 = None if initial_state is None else initial_state.float()
+    if decay is not None and decay.dtype == torch.float64:  # a rate past fp32's max decays as fully as the max
+        decay = decay.clamp(max=torch.finfo(torch.float32).max)  # (exp(-rate d) = 0 for every d >= 1)
     dec = None if decay is None else decay.float()
     if T == 0 or B == 0:  # nothing to compute: no launch (and no autotuning on an empty grid)
         o = empty_output((B, T, H, V), v.dtype, q, k, v)
@@ -159,7 +164,8 @@ def lightning_attention(
     if backend == "reference":
         return _ref.lightning_attention(q, k, v, dec, scale, s0, output_final_state, cu_seqlens)
 
-    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32)
+    # contiguous: .to() returns an int32 view unchanged, and the kernels index CU by offset
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     args = (q.contiguous(), k.contiguous(), v.contiguous(), None if dec is None else dec.contiguous(),
             None if s0 is None else s0.contiguous(), cu, scale, output_final_state)
     if compiling:

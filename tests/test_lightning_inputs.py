@@ -117,3 +117,32 @@ def test_decay_values_rechecked_after_in_place_change():
     d[1] = -1.0  # bumps the version counter: checked again
     with pytest.raises(ValueError, match="decay rates must be finite and >= 0"):
         _call(decay=d, backend="reference")
+
+
+def test_strided_int32_cu_seqlens():
+    """An int32 view with strides is read by value, not as raw storage (the kernels index CU by offset)."""
+    from subquad.reference.lightning import lightning_attention_naive
+
+    q, k, v = (torch.randn(1, 20, 1, 16, device=DEVICE) for _ in range(3))
+    cu = torch.tensor([0, 7, 3, 7, 20, 7], dtype=torch.int32, device=DEVICE)[::2]  # [0, 3, 20], not contiguous
+    want_o, want_f = lightning_attention_naive(q, k, v, None, None, None, cu)
+    for backend in ("triton", "reference"):
+        o, f = subquad.lightning_attention(q, k, v, cu_seqlens=cu, output_final_state=True, backend=backend)
+        torch.testing.assert_close(o.double(), want_o, rtol=1e-4, atol=1e-4, msg=backend)
+        torch.testing.assert_close(f.double(), want_f, rtol=1e-4, atol=1e-4, msg=backend)
+
+
+def test_float64_decay_past_float32_range():
+    """A finite float64 rate above fp32's max forgets all history, as the largest fp32 rate does (it
+    became inf in fp32, and inf * 0 on the diagonal made every output NaN)."""
+    from subquad.reference.lightning import lightning_attention_naive
+
+    q, k, v = (torch.randn(1, 19, 2, 16, device=DEVICE) for _ in range(3))
+    s0 = torch.randn(1, 2, 16, 16, device=DEVICE)
+    decay = torch.tensor([1e30, 1e300], dtype=torch.float64, device=DEVICE)
+    want_o, want_f = lightning_attention_naive(q, k, v, decay, None, s0, None)
+    assert torch.isfinite(want_o).all()
+    for backend in ("triton", "reference"):
+        o, f = subquad.lightning_attention(q, k, v, decay, initial_state=s0, output_final_state=True, backend=backend)
+        torch.testing.assert_close(o.double(), want_o, rtol=1e-4, atol=1e-4, msg=backend)
+        torch.testing.assert_close(f.double(), want_f, rtol=1e-4, atol=1e-4, msg=backend)
