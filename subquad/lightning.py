@@ -25,12 +25,15 @@ _CHECKED_DECAYS: "OrderedDict[int, tuple]" = OrderedDict()
 
 
 def _check_decay_values(decay: torch.Tensor) -> None:
+    # an inference tensor has no version counter: it is checked at every call
+    version = None if decay.is_inference() else decay._version
     seen = _CHECKED_DECAYS.get(id(decay))
-    if seen is not None and seen[0]() is decay and seen[1] == decay._version:
+    if version is not None and seen is not None and seen[0]() is decay and seen[1] == version:
         return
     if not bool(torch.isfinite(decay).all()) or bool((decay < 0).any()):
         raise ValueError(f"decay rates must be finite and >= 0, got {decay.tolist()}")
-    _CHECKED_DECAYS[id(decay)] = (weakref.ref(decay), decay._version)
+    if version is not None:
+        _CHECKED_DECAYS[id(decay)] = (weakref.ref(decay), version)
     if len(_CHECKED_DECAYS) > 64:
         _CHECKED_DECAYS.popitem(last=False)
 
@@ -87,7 +90,9 @@ def lightning_attention(
         decay: ``None`` (no decay) or a float tensor ``[H]`` of rates ``s_h >= 0``. Not
             differentiable (an error is raised if it requires grad); see ``lightning_slopes``.
             Its values are checked once per tensor and in-place change (version counter): a
-            write that bypasses the counter (``.data``, a NumPy view) is not re-checked.
+            write that bypasses the counter (``.data``, a NumPy view) is not re-checked. A tensor
+            made under ``torch.inference_mode`` has no counter: it is checked at every call (on
+            a GPU a device sync; make it outside inference mode, e.g. as a module buffer).
         scale: defaults to ``K ** -0.5``; pass 1.0 for the original lightning code's convention.
         initial_state: ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens),
             any float dtype, used in fp32. Differentiable.

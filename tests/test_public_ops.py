@@ -44,6 +44,29 @@ def test_empty_batch(family, backend):
     assert all(x.grad is not None and x.grad.shape == x.shape for x in (q, k, v))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inference_mode(backend):
+    """Serving runs under torch.inference_mode, whose tensors have no version counter: the caches
+    of checked values (lightning's decay, a reused HiP mask) must not read one. Same outputs as
+    outside it."""
+    q, k, v = (randn(1, 18, 2, 16, seed=s) for s in (0, 1, 2))
+    decay = torch.tensor([0.1, 0.3], device=q.device)
+    hip_kw = dict(block_size_q=16, block_size_k=2, topk=8, sink_tokens=2, window=4, backend=backend)
+    want = [fn(q, k, v, backend) for fn in FAMILIES.values()]
+    want.append(subquad.lightning_attention(q, k, v, decay, backend=backend)[0])
+    with torch.inference_mode():
+        qi, ki, vi, di = (x.clone() for x in (q, k, v, decay))
+        got = [fn(qi, ki, vi, backend) for fn in FAMILIES.values()]
+        for _ in range(2):  # the second call meets the cache
+            o, _ = subquad.lightning_attention(qi, ki, vi, di, backend=backend)
+        got.append(o)
+        o, mask = subquad.hip_attention(qi, ki, vi, return_mask=True, **hip_kw)
+        for _ in range(2):
+            torch.testing.assert_close(subquad.hip_attention(qi, ki, vi, mask=mask, **hip_kw), o, rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_empty_sequence_in_graph():
     """lightning at T = 0 (its only empty-length case: the other families need T >= a window or
     region count): the empty output is in the graph too."""
