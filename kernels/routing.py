@@ -259,9 +259,11 @@ def _pool_kernel(Q, K, MEANS, ntok, n1, n2, S1, S2, R1, R2, G, HD, BT: tl.conste
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     b = tl.program_id(2)
     c_ok = c < HD
-    rows = tl.minimum(R1, n1 - band * R1)  # real rows of the band (<= 0: padding only)
+    # real rows of the band and columns of the group, 0 where padding only (unclamped, two negative
+    # counts would make a positive loop bound past the image)
+    rows = tl.maximum(tl.minimum(R1, n1 - band * R1), 0)
     col0 = grp * BS * R2
-    width = tl.minimum(BS * R2, n2 - col0)  # real columns of the group (<= 0: padding only)
+    width = tl.maximum(tl.minimum(BS * R2, n2 - col0), 0)
     first = (band * R1 * n2 + col0).to(tl.int64)  # the group's first token
     j = tl.arange(0, BS)
     sq = tl.zeros([BS, BC], dtype=tl.float32)
@@ -280,7 +282,7 @@ def _pool_kernel(Q, K, MEANS, ntok, n1, n2, S1, S2, R1, R2, G, HD, BT: tl.conste
         sk += tl.dot(member.to(xk.dtype), xk, input_precision=PREC)
     s2 = grp * BS + j
     cols = tl.maximum(tl.minimum(R2, n2 - s2 * R2), 0)
-    cnt = tl.maximum(tl.maximum(rows, 0) * cols, 1).to(tl.float32)
+    cnt = tl.maximum(rows * cols, 1).to(tl.float32)
     out = MEANS + ((b * S1 + band) * S2 + s2).to(tl.int64)[:, None] * (2 * HD) + c[None, :]
     m = (s2 < S2)[:, None] & c_ok[None, :]
     tl.store(out, sq / cnt[:, None], mask=m)

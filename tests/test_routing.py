@@ -147,6 +147,7 @@ def test_route_regions(B, spatial, H, D, S, topk, per_head, dtype):
     ((9, 10), (1, 16), (4, 4)),     # the last band and the last column group hold padding only
     ((3, 75), (1, 24), (2, 37)),    # three groups of 16 region columns, a padded band of 1 row
     ((70,), (1, 16), (35,)),        # 1-D, three column groups
+    ((5, 18), (1, 16), (4, 17)),    # a band and a column group of padding only: both counts 0, not -1 x -2
 ])
 def test_region_means(spatial, HD, S, dtype):
     """The pooling kernel's region means of q and k vs the reference's, regions of padding only
