@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -108,14 +108,19 @@ def check_dim(name: str, value: int, lo: int, hi: int, what: str):
         raise ValueError(f"{name}: {what} must be in [{lo}, {hi}] for the Triton backend, got {value}")
 
 
-def check_scale(scale):
+def check_scale(scale, positive: bool = False, name: str = "scale"):
+    """A real number (NumPy scalars included) or None, finite; > 0 when ``positive``: the
+    block-sparse kernels' online softmax scales the row max of the raw scores, and masked scores
+    (-inf) must stay -inf after scaling."""
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"{name} must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not scale == scale or scale in (float("inf"), float("-inf")):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise ValueError(f"{name} must be finite, got {scale}")
+    if positive and scale <= 0:
+        raise ValueError(f"{name} must be > 0, got {scale}")
     return scale
 
 

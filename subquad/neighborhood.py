@@ -94,7 +94,7 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
     _check_qkv(q, k, v, rank, op)
     spatial = tuple(q.shape[1:-2])
     ks, ss, ds, cs = check_window_args(spatial, kernel_size, stride, dilation, is_causal)
-    scale = check_scale(scale)
+    scale = check_scale(scale, positive=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_backend(backend, q)
     if backend == "triton":
@@ -157,7 +157,7 @@ def neighborhood_attention(
             ``2 <= kernel_size``, ``1 <= stride <= kernel_size``, ``1 <= dilation`` and
             ``kernel_size * dilation <= size``.
         is_causal: a bool or one per spatial dim.
-        scale: defaults to ``D ** -0.5``.
+        scale: > 0, default ``D ** -0.5``.
         backend: "auto" (Triton for CUDA tensors, reference for CPU), "triton", "reference".
 
     Returns:

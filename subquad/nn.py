@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._checks import check_scale
 from .routing import bilevel_routing_attention
 
 __all__ = ["BiLevelRoutingAttention"]
@@ -65,7 +66,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.dim, self.num_heads, self.topk = dim, num_heads, topk
         self.num_regions = num_regions
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5 if qk_scale is None else float(qk_scale)
+        qk_scale = check_scale(qk_scale, positive=True, name="qk_scale")
+        self.scale = self.head_dim ** -0.5 if qk_scale is None else qk_scale
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)

@@ -109,7 +109,7 @@ def bilevel_routing_attention(
         num_regions: regions per spatial dim (BiFormer's n_win): an int or one per dim, each in
             [1, size of the dim]. R = the product.
         topk: regions routed per region, 1 <= topk <= R (topk = R is full attention).
-        scale: defaults to ``D ** -0.5``.
+        scale: > 0, default ``D ** -0.5``.
         routing: "shared" (one routing for all heads, affinity summed over heads, BiFormer),
             "per_head" (each head routes on its own), or an int32/int64 tensor ``[B, R, topk]`` /
             ``[B, H, R, topk]`` of region indices (row-major region ids, no repeats in a row).
@@ -144,7 +144,7 @@ def bilevel_routing_attention(
         raise TypeError(f"routing must be a str or a torch.Tensor, got {type(routing).__name__}")
     if not isinstance(return_routing, bool):
         raise TypeError(f"return_routing must be a bool, got {type(return_routing).__name__}")
-    scale = check_scale(scale)
+    scale = check_scale(scale, positive=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_backend(backend, q)
     B, H = q.shape[0], q.shape[-2]

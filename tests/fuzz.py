@@ -53,9 +53,10 @@ def neighborhood_case(rng: random.Random):
 def routing_case(rng: random.Random):
     if rng.random() < 0.4:
         spatial = (rng.randint(1, 160),)
-    else:
-        spatial = (rng.randint(1, 18), rng.randint(1, 18))
-    S = tuple(rng.randint(1, min(n, 6)) for n in spatial)
+        S = (rng.randint(1, min(spatial[0], rng.choice([6, 40]))),)
+    else:  # sometimes more than 16 region columns (pooling's column groups) and padded bands
+        spatial = (rng.randint(1, 18), rng.randint(1, rng.choice([18, 40])))
+        S = (rng.randint(1, min(spatial[0], 6)), rng.randint(1, min(spatial[1], rng.choice([6, 20]))))
     R = 1
     for s in S:
         R *= s

@@ -462,6 +462,7 @@ BAD = [
     ("causal elem", lambda: _call(is_causal=(True, 0)), TypeError, "is_causal must hold bools"),
     ("scale type", lambda: _call(scale="0.5"), TypeError, "scale must be a float"),
     ("scale inf", lambda: _call(scale=float("inf")), ValueError, "scale must be finite"),
+    ("scale negative", lambda: _call(scale=-0.5), ValueError, "scale must be > 0"),
     ("backend", lambda: _call(backend="cuda"), ValueError, "backend must be one of"),
     ("bound dims", lambda: nb_api.neighborhood_speedup_bound((4, 4, 4, 4), 2), ValueError,
      "shape must have 1, 2 or 3 spatial dims"),

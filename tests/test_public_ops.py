@@ -191,3 +191,11 @@ def test_fp32_under_tf32_setting(family, tf32_allowed, monkeypatch):
     if family == "hip":
         assert seen["hip_select"] == "float32"
         assert block_sparse.precision(torch.float32, follow_torch=False) == "ieee"
+
+
+def test_numpy_scalar_scale():
+    """A NumPy scalar scale (np.float32 is not a Python float) is taken as its value."""
+    np = pytest.importorskip("numpy")
+    q, k, v = (randn(1, 18, 2, 16, seed=s) for s in (0, 1, 2))
+    want = subquad.neighborhood_attention(q, k, v, 3, scale=0.25)
+    torch.testing.assert_close(subquad.neighborhood_attention(q, k, v, 3, scale=np.float32(0.25)), want, rtol=0, atol=0)

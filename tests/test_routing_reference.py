@@ -189,6 +189,8 @@ BAD = [
     (dict(routing=torch.full((1, 2, 4, 2), -1)), ValueError, r"routing holds region indices outside"),
     (dict(routing=torch.zeros(1, 4, 2, dtype=torch.int64)), ValueError, "duplicate indices"),
     (dict(scale="x"), TypeError, "scale must be a float"),
+    (dict(scale=-0.5), ValueError, "scale must be > 0"),  # the kernels' softmax scales the raw row max
+    (dict(scale=0.0), ValueError, "scale must be > 0"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(return_routing=1), TypeError, "return_routing must be a bool"),
 ]
