@@ -80,6 +80,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import bench_launch, spaces
+from ..reference import hip as _ref
 from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision,
                            q_walk_init, q_walk_step, q_walk_store, register_family)
 from .common import POISON, cdiv, dtype_key, empty, next_pow2, pow2
@@ -487,7 +488,8 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
             (query i sits at position ``Tk - Tq + i``); fp32 / fp16 / bf16; D in 16..256.
         blocks: int32 ``[B, H, ceil(Tq / block_size_q), Kb]``: per query block the selected key
             blocks j (tokens ``sink_tokens + j block_size_k + [0, block_size_k)``), ascending, -1
-            padded at the end (see the module docstring for the exact key set).
+            padded at the end: ``reference.hip.canonical_blocks`` form (a repeat or a -1 before a
+            block would be misread; see the module docstring for the exact key set).
         block_size_q, block_size_k: >= 1 (any value; query tiles are min(64, pow2) rows of one
             query block). sink_tokens, window: >= 0. scale: default ``D ** -0.5``.
 
@@ -502,7 +504,9 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
     assert block_size_q >= 1 and block_size_k >= 1 and sink_tokens >= 0 and window >= 0
     assert B * Hkv <= 65535, "batch x kv heads exceeds the grid limit"
     scale = D ** -0.5 if scale is None else float(scale)
-    geom = (int(block_size_q), int(block_size_k), int(sink_tokens), int(window))
+    bsq, _, sink_tokens, window = _ref.clip_params(Tq, Tk, block_size_q=block_size_q, sink_tokens=sink_tokens,
+                                                   window=window)  # the same keys, positions within int32
+    geom = (int(bsq), int(block_size_k), int(sink_tokens), int(window))
     return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), HIP, blocks.contiguous(), geom,
                                   scale)
 
@@ -759,6 +763,9 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     del scale
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    # the same selection with every position and stride product within int32
+    block_size_q, query_stride, sink_tokens, window = _ref.clip_params(
+        Tq, Tk, block_size_q=block_size_q, query_stride=query_stride, sink_tokens=sink_tokens, window=window)
     q = q.contiguous()
     k = k.contiguous()
     kb = cdiv(topk, block_size_k)

@@ -68,6 +68,8 @@ __all__ = [
     "hip_attention_reference",
     "hip_attention_naive",
     "initial_groups",
+    "clip_params",
+    "canonical_blocks",
 ]
 
 
@@ -86,6 +88,34 @@ def num_key_blocks(Tq: int, Tk: int, qb: int, *, block_size_q: int, block_size_k
     """NB of query block ``qb``: the key blocks of its search range ``[sink_tokens, E)``."""
     E = search_end(Tq, Tk, qb, block_size_q=block_size_q, window=window)
     return _cdiv(max(E - sink_tokens, 0), block_size_k)
+
+
+def clip_params(Tq: int, Tk: int, *, block_size_q: int, sink_tokens: int, window: int, query_stride: int = 1):
+    """(block_size_q, query_stride, sink_tokens, window) no larger than the problem, selecting and
+    attending exactly as the given ones: a query block longer than Tq is the one block (only its
+    first query's position enters), a stride of at least the block samples only its first query,
+    sinks or a window of at least Tk cover every key. Position arithmetic then stays within
+    Tq + Tk (int32 in the kernels) and the reference's gathers within O(Tk)."""
+    bq = min(block_size_q, max(Tq, 1))
+    return bq, min(query_stride, bq), min(sink_tokens, Tk), min(window, Tk)
+
+
+def canonical_blocks(blocks: Tensor, Tq: int, Tk: int, *, block_size_q: int, block_size_k: int, sink_tokens: int,
+                     window: int) -> Tensor:
+    """A selection ``[B, H, NQB, Kb]`` in the form the kernels read (int32): per query block its
+    distinct key blocks of the search range (``0 <= j < NB``), ascending, then -1. What a
+    hand-built selection means: entries outside the range (any negative one, ``j >= NB``) select
+    nothing and a repeated block counts once. ``select_blocks`` returns this form already."""
+    b = blocks.long()
+    qb = torch.arange(b.shape[2], device=b.device)
+    E = search_end(Tq, Tk, qb, block_size_q=block_size_q, window=window)
+    NB = torch.div((E - sink_tokens).clamp(min=0) + block_size_k - 1, block_size_k, rounding_mode="floor")
+    out = torch.iinfo(torch.int64).max  # sorts after every block
+    b = torch.where((b >= 0) & (b < NB[:, None]), b, out).sort(-1).values
+    rep = torch.zeros_like(b, dtype=torch.bool)
+    rep[..., 1:] = b[..., 1:] == b[..., :-1]
+    b = torch.where(rep, out, b).sort(-1).values
+    return torch.where(b == out, -1, b).to(torch.int32)
 
 
 def initial_groups(NB: int, Kb: int, device=None):
@@ -108,7 +138,9 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    bq, bk, S, W = block_size_q, block_size_k, sink_tokens, window
+    bq, query_stride, S, W = clip_params(Tq, Tk, block_size_q=block_size_q, query_stride=query_stride,
+                                         sink_tokens=sink_tokens, window=window)
+    bk = block_size_k
     Kb = _cdiv(topk, bk)
     NQB = _cdiv(Tq, bq)
     dev = q.device
@@ -154,14 +186,6 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
     return blocks
 
 
-def _clean_blocks(blocks: Tensor) -> Tensor:
-    """Blocks sorted ascending with repeats turned into -1 (each key at most once)."""
-    b = blocks.long().sort(-1).values
-    dup = torch.zeros_like(b, dtype=torch.bool)
-    dup[..., 1:] = b[..., 1:] == b[..., :-1]
-    return torch.where(dup | (b < 0), torch.full_like(b, -1), b)
-
-
 def hip_visible(blocks: Tensor, Tq: int, Tk: int, *, block_size_q: int, block_size_k: int, sink_tokens: int,
                 window: int) -> Tensor:
     """The dense visibility mask ``bool [B, H, Tq, Tk]`` of a selection (step 3; tests only)."""
@@ -187,14 +211,18 @@ def hip_visible(blocks: Tensor, Tq: int, Tk: int, *, block_size_q: int, block_si
     return causal & (sink | local | (in_range & selected))
 
 
-def _softmax_av(s: Tensor, ok: Tensor, v: Tensor) -> Tensor:
-    """softmax over the last dim of ``s`` restricted to ``ok`` (rows with nothing visible -> 0), times v."""
+def _softmax_av(s: Tensor, ok: Tensor, v: Tensor, p_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """softmax over the last dim of ``s`` restricted to ``ok`` (rows with nothing visible -> 0), times
+    v, all in v's dtype; ``p_dtype``: the unnormalised probabilities are rounded to it first (a
+    flash kernel's P in the input dtype)."""
     s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
-    return torch.matmul(p.to(v.dtype), v) / torch.where(l == 0, torch.ones_like(l), l).to(v.dtype)
+    if p_dtype is not None:
+        p = p.to(p_dtype).to(v.dtype)
+    return torch.matmul(p, v) / torch.where(l == 0, torch.ones_like(l), l)
 
 
 def hip_attention_naive(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, block_size_q: int, block_size_k: int,
@@ -224,14 +252,18 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
     cut where it meets the sinks so no key counts twice), then masks per query (causal; selected
     tokens inside the search range). Never builds a ``[Tq, Tk]`` tensor: work and memory are
     ``O(Tq (S + Kb bk + W + bq) D)``, independent of Tk (decoding at any cache length). Query
-    blocks are processed in chunks of at most ``max_elems`` score entries. Scores and ``p @ v`` in
-    the input dtype, softmax in float32 (float64 for float64 inputs). Differentiable in q, k, v.
-    Duplicate block indices in ``blocks`` are counted once.
+    blocks are processed in chunks of at most ``max_elems`` score entries. Rounding as a kernel
+    does: scores, softmax and ``p @ v`` in float32 (float64 for float64 inputs), P rounded to the
+    input dtype before ``p @ v`` for 16-bit inputs. Differentiable in q, k, v. ``blocks`` is
+    read as :func:`canonical_blocks` reads it (a repeated block counts once).
     """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    bq, bk, S, W = block_size_q, block_size_k, sink_tokens, window
+    blk = canonical_blocks(blocks.to(q.device), Tq, Tk, block_size_q=block_size_q, block_size_k=block_size_k,
+                           sink_tokens=sink_tokens, window=window)
+    bq, _, S, W = clip_params(Tq, Tk, block_size_q=block_size_q, sink_tokens=sink_tokens, window=window)
+    bk = block_size_k
     scale = D ** -0.5 if scale is None else scale
     NQB, Kb = blocks.shape[2], blocks.shape[3]
     dev = q.device
@@ -239,7 +271,6 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
     kf = k.reshape(B * Tk * Hkv, D)  # views for contiguous k, v: no O(Tk) copy per call
     vf = v.reshape(B * Tk * Hkv, D)
     row0 = (torch.arange(B, device=dev)[:, None] * Tk * Hkv + torch.arange(H, device=dev)[None, :] // G)
-    blk = _clean_blocks(blocks.to(dev))
     Lloc = W + bq - 1
     L = S + Kb * bk + Lloc
     u = torch.arange(bk, device=dev)
@@ -262,11 +293,11 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
         p = Tk - Tq + i
         ok = static_ok[..., None, :] & (tok[..., None, :] <= p[:, :, None])  # [B, H, n, bq, L]
         rows = row0[:, :, None, None] + tok.clamp(0, Tk - 1) * Hkv
-        kk = kf[rows]  # [B, H, n, L, D]
-        vv = vf[rows]
+        kk = kf[rows].to(sdt)  # [B, H, n, L, D]
+        vv = vf[rows].to(sdt)
         qq = q[:, i.clamp(max=Tq - 1).reshape(-1)].reshape(B, n, bq, H, D).permute(0, 3, 1, 2, 4)
-        s = torch.matmul(qq, kk.transpose(-1, -2)).to(sdt) * scale  # [B, H, n, bq, L]
-        o = _softmax_av(s, ok, vv)
+        s = torch.matmul(qq.to(sdt), kk.transpose(-1, -2)) * scale  # [B, H, n, bq, L]
+        o = _softmax_av(s, ok, vv, None if q.dtype == sdt else q.dtype)
         outs.append(o.reshape(B, H, n * bq, D))
     o = torch.cat(outs, 2)[:, :, :Tq]
     return o.permute(0, 2, 1, 3).to(q.dtype)

@@ -41,10 +41,15 @@ class HipMask:
     ``window + d`` over this selection. The cost grows by ``d`` keys per query, so refresh the
     mask (``hip_mask`` on the current cache: a tree search, no pass over all keys) every few
     steps. Anything else (other shapes, parameters, a shorter cache) is a ValueError naming mask.
+
+    A hand-built ``blocks`` may hold repeats, -1 anywhere and blocks outside a query block's search
+    range: they select nothing more (``subquad.reference.hip.canonical_blocks``, computed once per
+    blocks tensor and in-place change; in-place changes of a tensor made under
+    ``torch.inference_mode`` are not seen: assign a new tensor).
     """
 
     __slots__ = ("blocks", "topk", "block_size_q", "block_size_k", "query_stride", "sink_tokens", "window",
-                 "B", "Tq", "Tk", "H", "H_kv")
+                 "B", "Tq", "Tk", "H", "H_kv", "_kernel_form")
 
     def __init__(self, blocks: torch.Tensor, *, topk: int, block_size_q: int, block_size_k: int, query_stride: int,
                  sink_tokens: int, window: int, B: int, Tq: int, Tk: int, H: int, H_kv: int):
@@ -52,6 +57,7 @@ class HipMask:
         self.topk, self.block_size_q, self.block_size_k = topk, block_size_q, block_size_k
         self.query_stride, self.sink_tokens, self.window = query_stride, sink_tokens, window
         self.B, self.Tq, self.Tk, self.H, self.H_kv = B, Tq, Tk, H, H_kv
+        self._kernel_form = None  # (blocks, its version, blocks in canonical form)
 
     def params(self) -> dict:
         return {n: getattr(self, n) for n in _PARAMS}
@@ -155,10 +161,32 @@ def _select(q, k, p: dict, backend: str) -> torch.Tensor:
         return _ref.select_blocks(q.detach(), k.detach(), **p)
 
 
+def _version(t: torch.Tensor):
+    """The in-place version of a tensor; None for an inference tensor (it has no counter) and in
+    traced code (which reads none)."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
+
+
 def _make_mask(q, k, p: dict, backend: str, shapes) -> HipMask:
     B, Tq, Tk, H, Hkv, _ = shapes
     blocks = _select(q, k, p, backend)
-    return HipMask(blocks, **p, B=B, Tq=Tq, Tk=Tk, H=H, H_kv=Hkv)
+    mask = HipMask(blocks, **p, B=B, Tq=Tq, Tk=Tk, H=H, H_kv=Hkv)
+    mask._kernel_form = (blocks, _version(blocks), blocks)  # a selection is in canonical form
+    return mask
+
+
+def _mask_blocks(mask: HipMask) -> torch.Tensor:
+    """The mask's blocks in the canonical form the kernels read (see HipMask), once per tensor."""
+    b, known, version = mask.blocks, mask._kernel_form, _version(mask.blocks)
+    if known is not None and known[0] is b and known[1] == version:
+        return known[2]
+    canon = _ref.canonical_blocks(b, mask.Tq, mask.Tk, block_size_q=mask.block_size_q,
+                                  block_size_k=mask.block_size_k, sink_tokens=mask.sink_tokens, window=mask.window)
+    if not torch.compiler.is_compiling():  # traced code recomputes it in its graph (a few small ops)
+        mask._kernel_form = (b, version, canon)
+    return canon
 
 
 def _check_mask(mask, p: dict, shapes, device) -> int:
@@ -291,7 +319,7 @@ def hip_attention(
     elif backend == "triton":
         from .kernels.hip import hip_sparse_attention
 
-        o = hip_sparse_attention(q, k, v, mask.blocks, **akw)
+        o = hip_sparse_attention(q, k, v, _mask_blocks(mask), **akw)
     else:
-        o = _ref.hip_attention_reference(q, k, v, mask.blocks, **akw)
+        o = _ref.hip_attention_reference(q, k, v, _mask_blocks(mask), **akw)
     return (o, mask) if return_mask else o

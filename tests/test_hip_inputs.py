@@ -206,3 +206,75 @@ def test_decoding_in_cuda_graph():
     mask = hip_mask(q, k, **kw)
     eager, replayed = replay_in_cuda_graph(lambda: hip_attention(q, k, v, mask=mask, **kw))
     assert torch.equal(eager, replayed)
+
+
+def _out_and_grads(fn, q, k, v):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).to(o.device)
+    return [o] + list(torch.autograd.grad((o.double() * do).sum(), leaves))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_hand_built_mask_read_canonically(backend):
+    """A HipMask built by hand may hold repeats, -1 before blocks, negative and out-of-range blocks
+    (here block 9 of a 6-block search range, and 2**30): each block counts once, the rest selects
+    nothing, on both backends; an in-place change of its blocks is seen at the next call."""
+    q, k, v = _qkv(Tq=32, Tk=32, H=1, Hkv=1, device=DEVICE)
+    kw = dict(topk=16, block_size_q=16, block_size_k=2, query_stride=2, sink_tokens=2, window=4)
+    akw = dict(block_size_q=16, block_size_k=2, sink_tokens=2, window=4)
+    raw = torch.tensor([[[[-1] * 8, [-1, 3, 3, 0, -5, 9, 2 ** 30, 1]]]], dtype=torch.int32, device=DEVICE)
+    canon = torch.tensor([[[[-1] * 8, [0, 1, 3] + [-1] * 5]]], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(ref.canonical_blocks(raw, 32, 32, **akw), canon)
+    mask = HipMask(raw.clone(), **kw, B=1, Tq=32, Tk=32, H=1, H_kv=1)
+    for blocks in (canon, canon.flip(-1)):  # the flipped row: the same set, -1 first
+        want = ref.hip_attention_naive(q, k, v, canon if blocks is canon else canon, **akw)
+        got = hip_attention(q, k, v, mask=mask, backend=backend, **kw)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        mask.blocks.copy_(blocks)  # in place: the next call reads the new contents
+    mask.blocks[0, 0, 1, 0] = 4  # {4, 3, 1, 0}
+    canon[0, 0, 1, :4] = torch.tensor([0, 1, 3, 4])
+    got = hip_attention(q, k, v, mask=mask, backend=backend, **kw)
+    torch.testing.assert_close(got.double(), ref.hip_attention_naive(q, k, v, canon, **akw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name,params", [
+    ("window", dict(window=2 ** 31 - 1)),                       # "unbounded": dense causal
+    ("sinks", dict(sink_tokens=2 ** 31 - 1)),                   # every key a sink
+    ("stride", dict(query_stride=2 ** 30)),                     # the first query of each block
+    ("block", dict(block_size_q=2 ** 30, query_stride=2 ** 29)),  # one query block
+])
+def test_parameters_past_int32_products(backend, name, params):
+    """Parameters far past the sequence (a window of 2**31 - 1 for "no limit") select and attend
+    exactly as their values clipped to the problem: the kernels' int32 positions (window + t,
+    t * stride) must not wrap (they dropped every local term of dK/dV, read q out of bounds)."""
+    q, k, v = _qkv(Tq=29, Tk=40, H=2, Hkv=1, device=DEVICE)
+    kw = dict(dict(topk=4, block_size_q=8, block_size_k=2, query_stride=2, sink_tokens=2, window=3), **params)
+    akw = {n: kw[n] for n in ("block_size_q", "block_size_k", "sink_tokens", "window")}
+    mask = hip_mask(q, k, backend=backend, **kw)
+    assert torch.equal(mask.blocks, ref.select_blocks(q, k, **kw).to(DEVICE))
+    got = _out_and_grads(lambda a, b, c: hip_attention(a, b, c, mask=mask, backend=backend, **kw), q, k, v)
+    want = _out_and_grads(lambda a, b, c: ref.hip_attention_naive(a, b, c, mask.blocks, **akw), q, k, v)
+    for what, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_reference_half_precision_large_logits():
+    """The reference (the CPU path) rounds as a kernel does: fp32 scores and sums, P in fp16. Raw
+    q . k of ~7e4 (past fp16's max before scaling) and 70000 equal weights (a sum past it) stay
+    finite."""
+    g = torch.Generator().manual_seed(3)
+    q = (24 + torch.rand(1, 8, 1, 128, generator=g)).half()
+    k = (24 + torch.rand(1, 16, 1, 128, generator=g)).half()
+    v = torch.randn(1, 16, 1, 128, generator=g).half()
+    kw = dict(block_size_q=8, block_size_k=2, sink_tokens=2, window=16)
+    blocks = torch.full((1, 1, 1, 2), -1, dtype=torch.int32)
+    o = ref.hip_attention_reference(q, k, v, blocks, **kw)
+    want = ref.hip_attention_naive(q, k, v, blocks, **kw)
+    torch.testing.assert_close(o.double(), want, rtol=2e-3, atol=2e-3)
+    q, k = torch.zeros(1, 1, 1, 16).half(), torch.zeros(1, 70000, 1, 16).half()
+    v = torch.ones(1, 70000, 1, 16).half()
+    o = ref.hip_attention_reference(q, k, v, torch.full((1, 1, 1, 1), -1, dtype=torch.int32),
+                                    **dict(kw, window=70000))
+    torch.testing.assert_close(o.float(), torch.ones(1, 1, 1, 16), rtol=1e-3, atol=1e-3)
