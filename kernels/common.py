@@ -35,6 +35,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def wide(x: torch.Tensor) -> bool:
+    """Whether element offsets within one batch element of ``x`` (its numel / B) need int64: the
+    kernels' ``WIDE`` switch, so the common sizes keep 32-bit offset arithmetic in their loops."""
+    return x.numel() // max(x.shape[0], 1) >= 2 ** 31
+
+
 # Read once: an environment lookup costs ~2 us, and a routing fwd+bwd allocates ten buffers on a
 # host-bound path. The tests set it before importing the kernels (tests/conftest.py).
 POISON = os.environ.get("SUBQUAD_POISON", "0") not in ("", "0")

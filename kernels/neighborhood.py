@@ -26,7 +26,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, Family, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
                            q_walk_store, register_family)
-from .common import cdiv, descriptor_scratch, dtype_key, empty, pow2
+from .common import cdiv, descriptor_scratch, dtype_key, empty, pow2, wide
 
 __all__ = ["NEIGHBORHOOD", "na_fwd", "na_bwd", "tuner_bucket", "compile_specs"]
 
@@ -185,9 +185,10 @@ def _na_q_kernel(
     D: tl.constexpr, BD: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-    BWD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False,
+    BWD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False, WIDE: tl.constexpr = False,
 ):
-    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) for one query tile. TMA: K/V
+    """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) for one query tile. WIDE: a
+    KV tile's row offsets in int64 (a batch element of K past 2**31 elements). TMA: K/V
     tiles through tensor descriptors (sm_90's TMA; a plain load elsewhere): the dilation group's
     keys of this batch and KV head as one strided [ng0, ng1, ng2, D] tensor, a KV tile one box of
     it, so no row offsets live in registers; out-of-range rows read 0 as on the pointer path."""
@@ -228,6 +229,8 @@ def _na_q_kernel(
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    BM, BD, BWD)
     kl0, kl1, kl2, k_rel = _box_layout(TK0, TK1, TK2, d0, d1, d2, n1, n2)
+    if WIDE:
+        k_rel = k_rel.to(tl.int64)
     k_rel = k_rel * (Hkv * D)  # element offsets of a KV tile's rows from its first row
     kv_bh = (b.to(tl.int64) * ntok * Hkv + hk) * D
     if TMA:
@@ -390,7 +393,7 @@ def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
         descriptor_scratch()  # on-device descriptors need Triton's scratch allocator
     return _na_q_kernel[grid](
         q, k, v, o, lse, do, delta, dq, *_geom_args(geom), H, H // k.shape[-2], nt[1], nt[2], scale * LOG2E,
-        scale, D=D, BD=pow2(D), **_tile_kw(cfg), BWD=bwd, PREC=precision(q.dtype), TMA=_tma(cfg),
+        scale, D=D, BD=pow2(D), **_tile_kw(cfg), BWD=bwd, PREC=precision(q.dtype), TMA=_tma(cfg), WIDE=wide(k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -56,7 +56,7 @@ from ..autotune import bench_launch, spaces
 from ..reference import routing as _ref
 from .block_sparse import (LOG2E, Family, block_sparse_attention, bwd_delta_buffer, dkdv_update, load_rows, precision,
                            q_walk_init, q_walk_step, q_walk_store, register_family)
-from .common import cdiv, dtype_key, empty, pow2
+from .common import cdiv, dtype_key, empty, pow2, wide
 
 __all__ = ["ROUTING", "routing_attention", "region_means", "route_regions", "inverse_routing", "route_fwd", "route_bwd",
            "region_class", "compile_specs"]
@@ -428,11 +428,6 @@ def _dims(q):
     return q.shape[0], q.shape[-2], q.shape[-1]
 
 
-def _wide(q) -> bool:
-    """Whether a walk's row offsets within one batch element (N H D elements) need int64."""
-    return q.numel() // q.shape[0] >= 2 ** 31
-
-
 def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
     B, H, D = _dims(q)
     HR, topk = idx.shape[1], idx.shape[-1]
@@ -442,7 +437,7 @@ def _launch_q(cfg, g, scale, q, k, v, o, lse, do, delta, dq, idx, bwd):
     return _route_q_kernel[grid](
         q, k, v, o, lse, do, delta, dq, idx, *_geom_args(g, q.device), H, topk, HR * g.R * topk,
         (g.R * topk) if HR > 1 else 0, nqt, scale * LOG2E, scale,
-        D=D, BD=pow2(D), BM=BM, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype), PADDED=g.padded, WIDE=_wide(q),
+        D=D, BD=pow2(D), BM=BM, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype), PADDED=g.padded, WIDE=wide(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -479,7 +474,7 @@ def route_bwd(q, k, v, o, lse, do, idx, g, scale):
         return _route_kv_kernel[(g.R * nkt, B * H)](
             q, k, v, lse, do, delta, dk, dv, cnt, inv, *_geom_args(g, q.device), H, HR * g.R, g.R if HR > 1 else 0,
             g.R, nkt, scale * LOG2E, scale, D=D, BD=pow2(D), BM=cfg.kw["BM"], BN=BN, PREC=precision(q.dtype),
-            PADDED=g.padded, WIDE=_wide(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            PADDED=g.padded, WIDE=wide(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = spaces.ROUTING_BWD_DQ.choose(bucket, q.device, lambda c: bench_launch(lambda: launch_dq(c)))
     launch_dq(cfg)

@@ -37,6 +37,26 @@ def per_dim_ints(name: str, value, nd: int) -> Tuple[int, ...]:
     raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {type(value).__name__}")
 
 
+def _is_bool(x) -> bool:
+    """A Python or NumPy bool."""
+    return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))
+
+
+def per_dim_bools(name: str, value, nd: int) -> Tuple[bool, ...]:
+    """A bool, or a list/tuple of ``nd`` bools (one per spatial dim) -> tuple of bools."""
+    if _is_bool(value):
+        return (bool(value),) * nd
+    if isinstance(value, (list, tuple)):
+        if len(value) != nd:
+            raise ValueError(f"{name} must be a bool or a sequence of {nd} bools (one per spatial dim), "
+                             f"got {len(value)} values: {tuple(value)}")
+        for x in value:
+            if not _is_bool(x):
+                raise TypeError(f"{name} must hold bools, got {type(x).__name__} in {tuple(value)}")
+        return tuple(bool(x) for x in value)
+    raise TypeError(f"{name} must be a bool or a sequence of {nd} bools, got {type(value).__name__}")
+
+
 def check_tensor(name: str, x, rank: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -108,10 +128,15 @@ def check_dim(name: str, value: int, lo: int, hi: int, what: str):
         raise ValueError(f"{name}: {what} must be in [{lo}, {hi}] for the Triton backend, got {value}")
 
 
+# the scales a block-sparse kernel can take: scale log2(e) a normal fp32 (a zero or inf product
+# turns the -inf of a masked score into NaN)
+SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max / 2)
+
+
 def check_scale(scale, positive: bool = False, name: str = "scale"):
-    """A real number (NumPy scalars included) or None, finite; > 0 when ``positive``: the
-    block-sparse kernels' online softmax scales the row max of the raw scores, and masked scores
-    (-inf) must stay -inf after scaling."""
+    """A real number (NumPy scalars included) or None, finite; in SCALE_RANGE when ``positive``:
+    the block-sparse kernels' online softmax scales the row max of the raw scores, and masked
+    scores (-inf) must stay -inf after scaling."""
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, Real):
@@ -121,6 +146,9 @@ def check_scale(scale, positive: bool = False, name: str = "scale"):
         raise ValueError(f"{name} must be finite, got {scale}")
     if positive and scale <= 0:
         raise ValueError(f"{name} must be > 0, got {scale}")
+    if positive and not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+        raise ValueError(f"{name} must be in [{SCALE_RANGE[0]:.3g}, {SCALE_RANGE[1]:.3g}] (the kernels scale "
+                         f"scores in fp32), got {scale}")
     return scale
 
 

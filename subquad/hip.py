@@ -123,12 +123,9 @@ def _check_qk(q, k, v=None) -> Tuple[int, int, int, int, int, int]:
 
 
 def _resolve_scale(scale, D: int) -> float:
-    scale = check_scale(scale)
-    if scale is None:
-        return D ** -0.5
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0 (the tree search ranks keys by q . k), got {scale}")
-    return scale
+    # > 0 also because the tree search ranks keys by the raw q . k
+    scale = check_scale(scale, positive=True)
+    return D ** -0.5 if scale is None else scale
 
 
 def _check_triton(B: int, H: int, D: int, p: dict) -> None:

@@ -3,36 +3,22 @@ dispatch. The semantics are stated in ``subquad.reference.neighborhood``."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, per_dim_ints, public_op, resolve_backend
+from ._checks import (check_dim, check_same, check_scale, check_tensor, is_int, per_dim_bools, per_dim_ints, public_op,
+                      resolve_backend)
 from .reference import neighborhood as _ref
 from .reference.common import empty_output
 
 __all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "neighborhood_speedup_bound"]
 
-neighborhood_speedup_bound = _ref.neighborhood_speedup_bound
 
 IntOrSeq = Union[int, Sequence[int]]
 BoolOrSeq = Union[bool, Sequence[bool]]
-
-
-def _per_dim_bools(name: str, value, nd: int) -> Tuple[bool, ...]:
-    """A bool, or a list/tuple of ``nd`` bools -> tuple of bools."""
-    if isinstance(value, bool):
-        return (value,) * nd
-    if isinstance(value, (list, tuple)):
-        if len(value) != nd:
-            raise ValueError(f"{name} must be a bool or a sequence of {nd} bools (one per spatial dim), "
-                             f"got {len(value)} values: {tuple(value)}")
-        for x in value:
-            if not isinstance(x, bool):
-                raise TypeError(f"{name} must hold bools, got {type(x).__name__} in {tuple(value)}")
-        return tuple(value)
-    raise TypeError(f"{name} must be a bool or a sequence of {nd} bools, got {type(value).__name__}")
 
 
 def check_window_args(spatial: Sequence[int], kernel_size, stride, dilation, is_causal):
@@ -45,7 +31,7 @@ def check_window_args(spatial: Sequence[int], kernel_size, stride, dilation, is_
     ks = per_dim_ints("kernel_size", kernel_size, nd)
     ss = per_dim_ints("stride", stride, nd)
     ds = per_dim_ints("dilation", dilation, nd)
-    cs = _per_dim_bools("is_causal", is_causal, nd)
+    cs = per_dim_bools("is_causal", is_causal, nd)
     for a in range(nd):
         k, s, d, n = ks[a], ss[a], ds[a], spatial[a]
         if k < 2:
@@ -59,6 +45,23 @@ def check_window_args(spatial: Sequence[int], kernel_size, stride, dilation, is_
             raise ValueError(f"kernel_size * dilation must be <= the input size in every dim, got "
                              f"kernel_size={k} * dilation={d} = {k * d} > size={n} in dim {a}")
     return ks, ss, ds, cs
+
+
+@functools.wraps(_ref.neighborhood_speedup_bound)
+def neighborhood_speedup_bound(shape: Sequence[int], kernel_size: IntOrSeq, stride: IntOrSeq = 1,
+                               dilation: IntOrSeq = 1, is_causal: BoolOrSeq = False, q_tile=None,
+                               kv_tile=None) -> _ref.SpeedupBound:
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 3 or not all(is_int(n) and n >= 1 for n in shape):
+        raise ValueError(f"shape must be a sequence of 1, 2 or 3 positive ints (the spatial dims), got {shape!r}")
+    shape = tuple(int(n) for n in shape)
+    ks, ss, ds, cs = check_window_args(shape, kernel_size, stride, dilation, is_causal)
+    tiles = []
+    for name, t in (("q_tile", q_tile), ("kv_tile", kv_tile)):
+        t = None if t is None else per_dim_ints(name, t, len(shape))
+        if t is not None and min(t) < 1:
+            raise ValueError(f"{name} must be >= 1 in every dim, got {t}")
+        tiles.append(t)
+    return _ref.neighborhood_speedup_bound(shape, ks, ss, ds, cs, *tiles)
 
 
 def _check_qkv(q, k, v, rank: Optional[int], op: str):

@@ -128,6 +128,7 @@ def test_bad_tensors():
     ("window", None, TypeError, "window must be an int"),
     ("scale", 0.0, ValueError, "scale must be > 0"),
     ("scale", -0.5, ValueError, "scale must be > 0"),
+    ("scale", 1e300, ValueError, r"scale must be in \["),
     ("scale", float("nan"), ValueError, "scale must be finite"),
     ("scale", "0.1", TypeError, "scale must be a float"),
     ("backend", "cuda", ValueError, "backend must be one of"),

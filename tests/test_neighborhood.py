@@ -99,6 +99,16 @@ def test_kernel_large(case, dtype):
     _check(*case, dtype)
 
 
+def test_wide_row_offsets(monkeypatch):
+    """The forward / dQ walks' int64 KV-tile row offsets (taken when one batch element of K holds
+    2^31 elements or more, too large to test here; a dilated 3-D box spans most of it) compute the
+    same function as the int32 ones."""
+    from subquad.kernels import neighborhood as kn
+
+    monkeypatch.setattr(kn, "wide", lambda x: True)
+    _check(1, (5, 6, 7), 2, 1, 16, (3, 2, 3), (1, 2, 1), (1, 2, 2), (False, True, False), torch.float32)
+
+
 def test_grid_limit_is_a_clear_error():
     """Batch x heads beyond the grid's 65535 programs: a ValueError before any launch."""
     q = torch.empty(65536, 8, 1, 16, device=DEVICE).expand(65536, 8, 1, 16)

@@ -390,6 +390,34 @@ BOUND_CASES = [
 ]
 
 
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(is_causal=(True,)), ValueError, "is_causal must be a bool or a sequence of 2 bools"),
+    (dict(is_causal=(True, False, False)), ValueError, "is_causal must be a bool or a sequence of 2 bools"),
+    (dict(is_causal="no"), TypeError, "is_causal must be a bool"),
+    (dict(stride=True), TypeError, "stride must be an int"),
+    (dict(kernel_size=3.9), TypeError, "kernel_size must be an int"),
+    (dict(q_tile=2.5), TypeError, "q_tile must be an int"),
+    (dict(kv_tile=(8, 0)), ValueError, "kv_tile must be >= 1"),
+    (dict(shape=(16, 0)), ValueError, "shape must be a sequence of 1, 2 or 3 positive ints"),
+    (dict(kernel_size=17), ValueError, "kernel_size \\* dilation must be <= the input size"),
+])
+def test_speedup_bound_checks_its_arguments(kw, exc, msg):
+    """The public bound checks its arguments as the op does (it used to coerce them: 3.9 -> 3,
+    "no" -> causal, an extra per-dim value ignored)."""
+    args = dict(dict(shape=(16, 16), kernel_size=3), **kw)
+    with pytest.raises(exc, match=msg):
+        nb_api.neighborhood_speedup_bound(args.pop("shape"), args.pop("kernel_size"), **args)
+
+
+def test_numpy_bools_and_ints_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = (torch.randn(1, 9, 10, 1, 16) for _ in range(3))
+    want = nb_api.na2d(q, k, v, 3, is_causal=(True, False), backend="reference")
+    got = nb_api.na2d(q, k, v, np.int64(3), is_causal=(np.bool_(True), np.bool_(False)), backend="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert nb_api.neighborhood_speedup_bound((16, 16), 3, is_causal=np.bool_(True)).is_causal == (True, True)
+
 @pytest.mark.parametrize("case", BOUND_CASES, ids=[str(c[0]) + str(i) for i, c in enumerate(BOUND_CASES)])
 def test_speedup_bound_counts_match_the_dense_mask(case):
     shape, ks, ss, ds, cs, tq, tkv = case
@@ -465,10 +493,10 @@ BAD = [
     ("scale negative", lambda: _call(scale=-0.5), ValueError, "scale must be > 0"),
     ("backend", lambda: _call(backend="cuda"), ValueError, "backend must be one of"),
     ("bound dims", lambda: nb_api.neighborhood_speedup_bound((4, 4, 4, 4), 2), ValueError,
-     "shape must have 1, 2 or 3 spatial dims"),
+     "shape must be a sequence of 1, 2 or 3 positive ints"),
     ("bound window", lambda: nb_api.neighborhood_speedup_bound((16, 16), (4, 17)), ValueError,
-     "dim 1: need 2 <= kernel_size"),
-    ("bound tile", lambda: nb_api.neighborhood_speedup_bound((16,), 4, q_tile=0), ValueError, "tile sizes must be >= 1"),
+     "= 17 > size=16 in dim 1"),
+    ("bound tile", lambda: nb_api.neighborhood_speedup_bound((16,), 4, q_tile=0), ValueError, "q_tile must be >= 1"),
 ]
 
 

@@ -103,7 +103,7 @@ def test_wide_row_offsets(monkeypatch):
     too large to test directly) compute the same function as the int32 ones."""
     from subquad.kernels import routing as kr
 
-    monkeypatch.setattr(kr, "_wide", lambda q: True)
+    monkeypatch.setattr(kr, "wide", lambda q: True)
     _check(1, (11, 13), 2, 32, (3, 4), 2, "per_head", torch.float32)
 
 

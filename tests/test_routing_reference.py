@@ -191,6 +191,7 @@ BAD = [
     (dict(scale="x"), TypeError, "scale must be a float"),
     (dict(scale=-0.5), ValueError, "scale must be > 0"),  # the kernels' softmax scales the raw row max
     (dict(scale=0.0), ValueError, "scale must be > 0"),
+    (dict(scale=1e-46), ValueError, r"scale must be in \[1.18e-38, 1.7e\+38\]"),  # 0 in fp32
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(return_routing=1), TypeError, "return_routing must be a bool"),
 ]
