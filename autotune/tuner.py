@@ -54,12 +54,21 @@ class Config:
         return Config(dict(d["kw"]), int(d["num_warps"]), int(d["num_stages"]))
 
 
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable read as Triton reads its own: "1", "true", "yes", "on"
+    (any case) are on, anything else set is off ("0", "false", "off", "no", "")."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on", "y")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_flag("TRITON_INTERPRET")
 
 
 def _tuning_enabled() -> bool:
-    return not interpreting() and os.environ.get("SUBQUAD_AUTOTUNE", "1") not in ("", "0")
+    return not interpreting() and env_flag("SUBQUAD_AUTOTUNE", True)
 
 
 def cache_path() -> str:
@@ -141,23 +150,31 @@ class Tuner:
     def choose(self, bucket: tuple, device, bench: Callable[[Config], float]) -> Config:
         """``bench(cfg)`` launches the real call with ``cfg`` and returns a time in ms."""
         bucket = tuple(bucket)
-        if bucket in self._memo:
-            return self._memo[bucket]
-        if not _tuning_enabled() or getattr(device, "type", "cpu") != "cuda":
+        memo = (bucket, getattr(device, "type", "cpu"), getattr(device, "index", None))  # per GPU of a process
+        if memo in self._memo:
+            return self._memo[memo]
+        if not _tuning_enabled() or memo[1] != "cuda":
             cfg = self.default(bucket)
-            self._memo[bucket] = cfg
+            self._memo[memo] = cfg
             return cfg
         key = f"{_device_tag(device)}|{self.kernel}|{'-'.join(map(str, bucket))}"
-        disk = self._load()
-        if key in disk:
-            cfg = Config.from_json(disk[key]["config"])
-        elif _capturing():  # timing syncs, which breaks a CUDA graph capture: the default, not kept
+        cfg = self._cached(self._load().get(key), bucket)
+        if cfg is None and _capturing():  # timing syncs, which breaks a CUDA graph capture: the default, not kept
             return self.default(bucket)
-        else:
+        if cfg is None:
             cfg, timings = self._tune(bucket, bench)
             self._store(key, {"config": cfg.to_json(), "ms": timings})
-        self._memo[bucket] = cfg
+        self._memo[memo] = cfg
         return cfg
+
+    def _cached(self, entry, bucket) -> Optional[Config]:
+        """The config of a cache entry if it is one of this bucket's candidates now (a malformed
+        entry, or a config the space no longer holds for the bucket, is tuned again)."""
+        try:
+            cfg = Config.from_json(entry["config"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return next((c for c in self.candidates(bucket) if c.name() == cfg.name()), None)
 
     def _tune(self, bucket, bench):
         timings = {}
@@ -187,6 +204,8 @@ class Tuner:
                         cls._disk = json.load(f)
                 except (OSError, ValueError):
                     cls._disk = {}
+                if not isinstance(cls._disk, dict):  # valid JSON of another shape: ignored
+                    cls._disk = {}
             return cls._disk
 
     @classmethod
@@ -198,15 +217,22 @@ class Tuner:
                     disk = json.load(f)  # merge with what other processes wrote meanwhile
             except (OSError, ValueError):
                 disk = {}
+            if not isinstance(disk, dict):
+                disk = {}
             disk.update(cls._disk or {})
             disk[key] = entry
             cls._disk = disk
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(disk, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)  # atomic: readers never see half a file
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(disk, f, indent=1, sort_keys=True)
+                    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache directory private
+                    os.replace(tmp, path)  # atomic: readers never see half a file
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
             except OSError:
                 pass  # a read-only home only costs re-tuning in the next process
 

@@ -13,7 +13,9 @@ import torch
 
 # The interpreter must be switched on before triton is first imported (subquad's kernels import it).
 if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from subquad.autotune.tuner import interpreting  # imports no triton
+
+    if "triton" in sys.modules and not interpreting():
         sys.exit("python -m bench: triton was imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
 

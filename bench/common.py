@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from subquad.autotune.tuner import interpreting
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "bench", "out")
 MiB = float(2**20)
@@ -71,7 +73,7 @@ def env_info() -> dict:
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name() if has_cuda() else None,
         "cuda": torch.version.cuda if has_cuda() else None,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "triton_interpret": interpreting(),
     }
     try:
         import triton
@@ -455,7 +457,7 @@ def require_kernels() -> bool:
     """True on a CUDA machine; without CUDA the kernels run only through the Triton interpreter,
     which must have been switched on before triton's import (``python -m bench`` does)."""
     cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not cuda and not interpreting():
         raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 before triton is imported to check "
                            "the kernels through the interpreter (python -m bench does)")
     return cuda

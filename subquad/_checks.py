@@ -7,11 +7,12 @@ names the argument, what was expected and what was given.
 from __future__ import annotations
 
 import functools
-import os
 from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from .autotune.tuner import interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
@@ -159,7 +160,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if x.is_cuda else "reference"
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if backend == "triton" and not x.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {x.device}; set TRITON_INTERPRET=1 "
             "before importing subquad to run the kernels on CPU through the interpreter, or use "

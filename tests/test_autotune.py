@@ -66,6 +66,55 @@ def test_disk_cache_is_reused_by_a_new_process(tmp_path, monkeypatch):
     Tuner.forget_memory()
 
 
+class FakeCuda1:
+    type = "cuda"
+    index = 1
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "5", '"x"', '{"K": 5}', '{"K": {"config": 5}}',
+                                     '{"K": {"config": {"kw": {"BV": 999}, "num_warps": 4, "num_stages": 2}}}'])
+def test_a_cache_of_another_shape_is_tuned_over(tmp_path, monkeypatch, content):
+    """Valid JSON that is not a cache (a list, a number), a malformed entry, or a config the space no
+    longer holds for the bucket: tuned again, never an exception out of the op's call."""
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: "G")
+    key = "G|t-shape|x"
+    (tmp_path / "autotune.json").write_text(content.replace('"K"', f'"{key}"'))
+    Tuner.forget_memory()
+    space = [Config({"BV": 32}), Config({"BV": 64})]
+    calls = []
+    cfg = Tuner("t-shape", space).choose(("x",), FakeCuda(), lambda c: calls.append(c) or c.kw["BV"])
+    assert cfg == space[0] and len(calls) == 2
+    assert json.loads((tmp_path / "autotune.json").read_text())[key]["config"] == space[0].to_json()
+    Tuner.forget_memory()
+
+
+def test_memo_is_per_device(tmp_path, monkeypatch):
+    """Two GPUs of one process (a model spread over devices) each get their own choice: the one
+    timed on cuda:0 is not reused on cuda:1 unlooked (the disk key names the GPU)."""
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: f"GPU{getattr(device, 'index', 0)}")
+    Tuner.forget_memory()
+    space = [Config({"BV": 32}), Config({"BV": 64})]
+    t = Tuner("t-devices", space)
+    assert t.choose(("x",), FakeCuda(), lambda c: c.kw["BV"]) == space[0]
+    assert t.choose(("x",), FakeCuda1(), lambda c: -c.kw["BV"]) == space[1]
+    assert t.choose(("x",), FakeCuda(), lambda c: 1 / 0) == space[0]  # memoised per device
+    Tuner.forget_memory()
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("0", False), ("false", False),
+                                      ("off", False), ("no", False), ("", False)])
+def test_env_flags_read_as_triton_reads_them(monkeypatch, value, on):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert tuner_mod.interpreting() is on
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("SUBQUAD_AUTOTUNE", value)
+    assert tuner_mod._tuning_enabled() is on
+
+
 def test_every_config_fails_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)

@@ -376,6 +376,12 @@ def test_module_options():
         subquad.nn.BiLevelRoutingAttention(30, num_heads=8)
     with pytest.raises(ValueError, match="side_dwconv must be 0 or an odd"):
         subquad.nn.BiLevelRoutingAttention(32, num_heads=2, side_dwconv=4)
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=0)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2.0)
+    with pytest.raises(TypeError, match="side_dwconv must be an int"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2, side_dwconv=True)
     with pytest.raises(ValueError, match="qk_scale must be > 0"):
         subquad.nn.BiLevelRoutingAttention(32, num_heads=2, qk_scale=-0.1)
     with pytest.raises(ValueError, match=r"x must be \[B, Hi, Wi, C=32\]"):
