@@ -23,19 +23,14 @@ def is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
 
 
-def per_dim_ints(name: str, value, nd: int) -> Tuple[int, ...]:
-    """An int, or a list/tuple of ``nd`` ints (one per spatial dim) -> tuple of ints."""
-    if is_int(value):
-        return (int(value),) * nd
-    if isinstance(value, (list, tuple)):
-        if len(value) != nd:
-            raise ValueError(f"{name} must be an int or a sequence of {nd} ints (one per spatial dim), "
-                             f"got {len(value)} values: {tuple(value)}")
-        for x in value:
-            if not is_int(x):
-                raise TypeError(f"{name} must hold ints, got {type(x).__name__} in {tuple(value)}")
-        return tuple(int(x) for x in value)
-    raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {type(value).__name__}")
+def check_int(name: str, value, lo: int) -> int:
+    """An int (Python or NumPy, not a bool) of at least ``lo``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
 
 
 def _is_bool(x) -> bool:
@@ -43,19 +38,38 @@ def _is_bool(x) -> bool:
     return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))
 
 
-def per_dim_bools(name: str, value, nd: int) -> Tuple[bool, ...]:
-    """A bool, or a list/tuple of ``nd`` bools (one per spatial dim) -> tuple of bools."""
-    if _is_bool(value):
-        return (bool(value),) * nd
+def _per_dim(name: str, value, nd: int, ok, cast, kind: str) -> tuple:
+    """A ``kind`` ("int" / "bool") or a list/tuple of ``nd`` of them (one per spatial dim) -> tuple."""
+    one = f"{'an' if kind == 'int' else 'a'} {kind}"
+    if ok(value):
+        return (cast(value),) * nd
     if isinstance(value, (list, tuple)):
         if len(value) != nd:
-            raise ValueError(f"{name} must be a bool or a sequence of {nd} bools (one per spatial dim), "
+            raise ValueError(f"{name} must be {one} or a sequence of {nd} {kind}s (one per spatial dim), "
                              f"got {len(value)} values: {tuple(value)}")
         for x in value:
-            if not _is_bool(x):
-                raise TypeError(f"{name} must hold bools, got {type(x).__name__} in {tuple(value)}")
-        return tuple(bool(x) for x in value)
-    raise TypeError(f"{name} must be a bool or a sequence of {nd} bools, got {type(value).__name__}")
+            if not ok(x):
+                raise TypeError(f"{name} must hold {kind}s, got {type(x).__name__} in {tuple(value)}")
+        return tuple(cast(x) for x in value)
+    raise TypeError(f"{name} must be {one} or a sequence of {nd} {kind}s, got {type(value).__name__}")
+
+
+def per_dim_ints(name: str, value, nd: int) -> Tuple[int, ...]:
+    """An int, or a list/tuple of ``nd`` ints (one per spatial dim) -> tuple of ints."""
+    return _per_dim(name, value, nd, is_int, int, "int")
+
+
+def per_dim_bools(name: str, value, nd: int) -> Tuple[bool, ...]:
+    """A bool (Python or NumPy), or a list/tuple of ``nd`` of them -> tuple of bools."""
+    return _per_dim(name, value, nd, _is_bool, bool, "bool")
+
+
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """A tensor's in-place version counter, for caches of checked values; None for an inference
+    tensor (it has no counter) and in traced code (which reads none)."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
 
 
 def check_tensor(name: str, x, rank: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):

@@ -7,7 +7,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import check_dim, check_same, check_scale, check_tensor, is_int, public_op, resolve_backend
+from ._checks import (check_dim, check_int, check_same, check_scale, check_tensor, public_op, resolve_backend,
+                      tensor_version)
 from .reference import hip as _ref
 from .reference.common import empty_output
 
@@ -74,23 +75,14 @@ class HipMask:
         return self.window + (Tk - self.Tk)
 
 
-def _int_arg(name: str, value, lo: int) -> int:
-    if not is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
-
-
 def _check_params(topk, block_size_q, block_size_k, query_stride, sink_tokens, window) -> dict:
     return dict(
-        topk=_int_arg("topk", topk, 1),
-        block_size_q=_int_arg("block_size_q", block_size_q, 1),
-        block_size_k=_int_arg("block_size_k", block_size_k, 1),
-        query_stride=_int_arg("query_stride", query_stride, 1),
-        sink_tokens=_int_arg("sink_tokens", sink_tokens, 0),
-        window=_int_arg("window", window, 0),
+        topk=check_int("topk", topk, 1),
+        block_size_q=check_int("block_size_q", block_size_q, 1),
+        block_size_k=check_int("block_size_k", block_size_k, 1),
+        query_stride=check_int("query_stride", query_stride, 1),
+        sink_tokens=check_int("sink_tokens", sink_tokens, 0),
+        window=check_int("window", window, 0),
     )
 
 
@@ -158,25 +150,17 @@ def _select(q, k, p: dict, backend: str) -> torch.Tensor:
         return _ref.select_blocks(q.detach(), k.detach(), **p)
 
 
-def _version(t: torch.Tensor):
-    """The in-place version of a tensor; None for an inference tensor (it has no counter) and in
-    traced code (which reads none)."""
-    if torch.compiler.is_compiling() or t.is_inference():
-        return None
-    return t._version
-
-
 def _make_mask(q, k, p: dict, backend: str, shapes) -> HipMask:
     B, Tq, Tk, H, Hkv, _ = shapes
     blocks = _select(q, k, p, backend)
     mask = HipMask(blocks, **p, B=B, Tq=Tq, Tk=Tk, H=H, H_kv=Hkv)
-    mask._kernel_form = (blocks, _version(blocks), blocks)  # a selection is in canonical form
+    mask._kernel_form = (blocks, tensor_version(blocks), blocks)  # a selection is in canonical form
     return mask
 
 
 def _mask_blocks(mask: HipMask) -> torch.Tensor:
     """The mask's blocks in the canonical form the kernels read (see HipMask), once per tensor."""
-    b, known, version = mask.blocks, mask._kernel_form, _version(mask.blocks)
+    b, known, version = mask.blocks, mask._kernel_form, tensor_version(mask.blocks)
     if known is not None and known[0] is b and known[1] == version:
         return known[2]
     canon = _ref.canonical_blocks(b, mask.Tq, mask.Tk, block_size_q=mask.block_size_q,
@@ -318,5 +302,5 @@ def hip_attention(
 
         o = hip_sparse_attention(q, k, v, _mask_blocks(mask), **akw)
     else:
-        o = _ref.hip_attention_reference(q, k, v, _mask_blocks(mask), **akw)
+        o = _ref.hip_attention_reference(q, k, v, mask.blocks, **akw)  # reads blocks in canonical form itself
     return (o, mask) if return_mask else o

@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import capturing, check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend
+from ._checks import (capturing, check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend,
+                      tensor_version)
 from .reference import lightning as _ref
 from .reference.common import empty_output
 
@@ -25,8 +26,7 @@ _CHECKED_DECAYS: "OrderedDict[int, tuple]" = OrderedDict()
 
 
 def _check_decay_values(decay: torch.Tensor) -> None:
-    # an inference tensor has no version counter: it is checked at every call
-    version = None if decay.is_inference() else decay._version
+    version = tensor_version(decay)  # None (an inference tensor): checked at every call
     seen = _CHECKED_DECAYS.get(id(decay))
     if version is not None and seen is not None and seen[0]() is decay and seen[1] == version:
         return

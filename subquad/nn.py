@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import check_scale, is_int
+from ._checks import check_int, check_scale
 from .routing import bilevel_routing_attention
 
 __all__ = ["BiLevelRoutingAttention"]
@@ -59,14 +59,11 @@ class BiLevelRoutingAttention(nn.Module):
                  qk_scale: Optional[float] = None, side_dwconv: int = 5, qkv_bias: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        for name, value, lo in (("dim", dim, 1), ("num_heads", num_heads, 1), ("side_dwconv", side_dwconv, 0)):
-            if not is_int(value):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {value}")
+        dim, num_heads = check_int("dim", dim, 1), check_int("num_heads", num_heads, 1)
+        side_dwconv = check_int("side_dwconv", side_dwconv, 0)
         if dim % num_heads != 0:
             raise ValueError(f"dim must be a multiple of num_heads, got dim={dim}, num_heads={num_heads}")
-        if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
+        if side_dwconv and side_dwconv % 2 == 0:
             raise ValueError(f"side_dwconv must be 0 or an odd kernel size, got {side_dwconv}")
         self.dim, self.num_heads, self.topk = dim, num_heads, topk
         self.num_regions = num_regions
