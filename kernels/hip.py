@@ -813,13 +813,15 @@ def _select_fake(q, k, topk, block_size_q, block_size_k, query_stride, sink_toke
 
 def _select_compile_specs(dtype: str, K: int, V: int):
     """Static compile check entries (see ``subquad.autotune.check``): the selection kernel at the
-    defaults (topk 512, block_size_q 64, block_size_k 2, query_stride 2) and head dim K."""
+    defaults (topk 512, block_size_k 2, query_stride 2) and head dim K, for prefill (block_size_q
+    64) and for a decoding step (Tq = 1: block_size_q is clipped to Tq, so 16 strided query rows)."""
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x = f"*{tdt}"
     ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "bq", "bk", "qstride", "S", "W", "qb0"]}
     sig = dict(Q=x, K=x, BLK="*i32", SEL="*i32", CS="*i64", CST="*i32", **ints)
     prec = precision(getattr(torch, dtype), follow_torch=False)
-    probe = select_meta(K, 512, 64, 2, 2, 128)
-    buckets = [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"], decoding) for decoding in (False, True)]
-    yield (spaces.HIP_SELECT, _hip_select_kernel, sig,
-           lambda c: dict(PREC=prec, **select_meta(K, 512, 64, 2, 2, c.kw["NR"], dtype == "float32")), buckets)
+    for bq, decoding in ((64, False), (1, True)):
+        probe = select_meta(K, 512, bq, 2, 2, 128)
+        yield (spaces.HIP_SELECT, _hip_select_kernel, sig,
+               lambda c, bq=bq: dict(PREC=prec, **select_meta(K, 512, bq, 2, 2, c.kw["NR"], dtype == "float32")),
+               [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"], decoding)])
