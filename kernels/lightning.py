@@ -62,18 +62,21 @@ def _seq_bounds(CU, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decays(s, n, BT: tl.constexpr, HAS_DECAY: tl.constexpr):
-    """For a chunk of n valid tokens: the causal decay mask D[i, j] = lambda^(i-j) (i >= j),
-    q-side lambda^(i+1), k-side lambda^(n-1-j) (0 past n) and the whole-chunk lambda^n."""
+def _chunk_decays(s, n, scale, BT: tl.constexpr, HAS_DECAY: tl.constexpr):
+    """For a chunk of n valid tokens: the causal decay mask times the softmax-free scale,
+    D[i, j] = scale lambda^(i-j) (i >= j), q-side lambda^(i+1), k-side lambda^(n-1-j) (0 past n) and
+    the whole-chunk lambda^n. The scale rides on D so that the intra-chunk products (q.k, dO.v) are
+    scaled before they are rounded to a 16-bit dot operand: unscaled they overflow fp16 1/scale
+    times sooner (e.g. at 65504 / sqrt(128) = 5.8e3 per entry at K = 128)."""
     i = tl.arange(0, BT)
     diff = i[:, None] - i[None, :]
     if HAS_DECAY:
-        dmask = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+        dmask = tl.where(diff >= 0, scale * tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
         qdec = tl.exp(-s * (i + 1).to(tl.float32))
         kdec = tl.where(i < n, tl.exp(-s * tl.maximum(n - 1 - i, 0).to(tl.float32)), 0.0)
         cdec = tl.exp(-s * n.to(tl.float32))
     else:
-        dmask = tl.where(diff >= 0, 1.0, 0.0)
+        dmask = tl.where(diff >= 0, scale, 0.0)
         qdec = tl.full([BT], 1.0, tl.float32)
         kdec = tl.where(i < n, 1.0, 0.0)
         cdec = s * 0.0 + 1.0
@@ -117,11 +120,11 @@ def _fwd_kernel(
         b_q = tl.load(q_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        dmask, qdec, kdec, cdec = _chunk_decays(s, n, BT, HAS_DECAY)
+        dmask, qdec, kdec, cdec = _chunk_decays(s, n, scale, BT, HAS_DECAY)
         b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * dmask
         b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
-        b_o += tl.dot(b_q.to(STATE_DT), b_S.to(STATE_DT), input_precision=PREC) * qdec[:, None]
-        tl.store(o_base + ot64[:, None] * (H * V) + ov[None, :], (b_o * scale).to(O.dtype.element_ty),
+        b_o += tl.dot(b_q.to(STATE_DT), b_S.to(STATE_DT), input_precision=PREC) * (qdec * scale)[:, None]
+        tl.store(o_base + ot64[:, None] * (H * V) + ov[None, :], b_o.to(O.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
         b_kw = (b_k * kdec[:, None]).to(b_k.dtype)
         b_S = b_S * cdec + tl.dot(tl.trans(b_kw), b_v, input_precision=PREC)
@@ -204,11 +207,11 @@ def _bwd_dq_kernel(
         b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         b_do = tl.load(do_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        dmask, qdec, kdec, cdec = _chunk_decays(s, n, BT, HAS_DECAY)
+        dmask, qdec, kdec, cdec = _chunk_decays(s, n, scale, BT, HAS_DECAY)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) * dmask
         b_dq = tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
-        b_dq += tl.dot(b_do.to(STATE_DT), tl.trans(b_S.to(STATE_DT)), input_precision=PREC) * qdec[:, None]
-        tl.store(dq_base + ot64[:, None] * (H * K) + ok[None, :], b_dq * scale, mask=mt[:, None] & mk[None, :])
+        b_dq += tl.dot(b_do.to(STATE_DT), tl.trans(b_S.to(STATE_DT)), input_precision=PREC) * (qdec * scale)[:, None]
+        tl.store(dq_base + ot64[:, None] * (H * K) + ok[None, :], b_dq, mask=mt[:, None] & mk[None, :])
         b_kw = (b_k * kdec[:, None]).to(b_k.dtype)
         b_S = b_S * cdec + tl.dot(tl.trans(b_kw), b_v, input_precision=PREC)
 
@@ -259,15 +262,15 @@ def _bwd_dkdv_kernel(
         b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         b_do = tl.load(do_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        dmask, qdec, kdec, cdec = _chunk_decays(s, n, BT, HAS_DECAY)
+        dmask, qdec, kdec, cdec = _chunk_decays(s, n, scale, BT, HAS_DECAY)
         dmask_t = tl.trans(dmask)  # [j, i]
         b_at = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * dmask_t
-        b_dv = tl.dot(b_at.to(b_do.dtype), b_do, input_precision=PREC) * scale
+        b_dv = tl.dot(b_at.to(b_do.dtype), b_do, input_precision=PREC)
         b_dv += tl.dot(b_k.to(STATE_DT), b_dS.to(STATE_DT), input_precision=PREC) * kdec[:, None]
         tl.store(dv_base + ot64[:, None] * (H * V) + ov[None, :], b_dv.to(DV.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC) * dmask_t
-        b_dk = tl.dot(b_dpt.to(b_q.dtype), b_q, input_precision=PREC) * scale
+        b_dk = tl.dot(b_dpt.to(b_q.dtype), b_q, input_precision=PREC)
         b_dk += tl.dot(b_v.to(STATE_DT), tl.trans(b_dS.to(STATE_DT)), input_precision=PREC) * kdec[:, None]
         tl.store(dk_base + ot64[:, None] * (H * K) + ok[None, :], b_dk, mask=mt[:, None] & mk[None, :])
         b_qw = (b_q * (qdec * scale)[:, None]).to(b_q.dtype)

@@ -16,6 +16,16 @@ def empty_output(shape, dtype, *inputs: torch.Tensor) -> torch.Tensor:
     return inputs[0].new_zeros(shape, dtype=dtype) + link.to(dtype)
 
 
+def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` and back, as a kernel rounds a dot operand (P, a decay-weighted
+    block) to the input dtype, with the gradient passed through unrounded: a plain
+    ``x.to(dtype).to(x.dtype)`` would also round the incoming gradient to ``dtype``, and an fp16
+    gradient overflows long before the kernel's fp32 one does. Exact: ``x + (r - x) == r``."""
+    if dtype == x.dtype:
+        return x
+    return x + (x.to(dtype).to(x.dtype) - x).detach()
+
+
 _SAVED = object()  # marks where a saved tensor goes back into the other arguments
 
 

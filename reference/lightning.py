@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .common import rounded
+
 Tensor = torch.Tensor
 
 __all__ = ["lightning_attention", "lightning_attention_naive", "lightning_slopes"]
@@ -68,9 +70,11 @@ def lightning_attention_naive(q, k, v, decay=None, scale=None, initial_state=Non
 def _chunked(q, k, v, s, scale, S0, chunk_size):
     """One batch of equal-length sequences. q,k: [B,T,H,K], v: [B,T,H,V]; S0 [B,H,K,V] or None.
 
-    Rounding mirrors the kernel: matrix products take operands in the input dtype and accumulate
-    in fp32 (fp64 for fp64 inputs); the state stays fp32, and enters products as fp32 except for
-    bf16 inputs, where it is rounded to bf16 (fp16 inputs keep it fp32: it can exceed fp16's range).
+    Rounding mirrors the kernel: matrix products take operands rounded to the input dtype and
+    accumulate in fp32 (fp64 for fp64 inputs); the intra-chunk scores are scaled (scale rides on
+    the decay mask) before they are rounded for the product with v; the state stays fp32, and
+    enters products as fp32 except for bf16 inputs, where it is rounded to bf16 (fp16 inputs keep
+    it fp32: it can exceed fp16's range). Roundings pass gradients through in fp32 (``rounded``).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -87,22 +91,20 @@ def _chunked(q, k, v, s, scale, S0, chunk_size):
         i = torch.arange(n, device=q.device, dtype=acc)
         diff = i[:, None] - i[None, :]
         if s is None:
-            dmask = (diff >= 0).to(acc)
+            dmask = (diff >= 0).to(acc) * scale
             qdec = kdec = cdec = None
         else:
-            dmask = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), dtype=acc, device=q.device))
+            dmask = torch.where(diff >= 0, scale * torch.exp(-s * diff.clamp(min=0)),
+                                torch.zeros((), dtype=acc, device=q.device))
             qdec = torch.exp(-s * (i + 1)[:, None])  # [H, n, 1]
             kdec = torch.exp(-s * (n - 1 - i)[:, None])
             cdec = torch.exp(-s * n)
-        scores = (qc @ kc.transpose(-1, -2)).to(acc) * dmask
-        intra = (scores.to(dt) @ vc).to(acc)
-        inter = (qc.to(sdt) @ S.to(sdt)).to(acc)
-        if qdec is not None:
-            inter = inter * qdec
-        outs.append((scale * (intra + inter)).to(dt))
-        kw = kc if kdec is None else (kc.to(acc) * kdec).to(dt)
-        upd = (kw.transpose(-1, -2) @ vc).to(acc)
-        S = upd + (S if cdec is None else S * cdec)
+        qa, ka, va = qc.to(acc), kc.to(acc), vc.to(acc)  # exact: the products accumulate in acc
+        intra = rounded(qa @ ka.transpose(-1, -2) * dmask, dt) @ va
+        inter = qa @ rounded(S, sdt) * (scale if qdec is None else scale * qdec)
+        outs.append((intra + inter).to(dt))
+        kw = ka if kdec is None else rounded(ka * kdec, dt)
+        S = kw.transpose(-1, -2) @ va + (S if cdec is None else S * cdec)
     o = torch.cat(outs, 2).transpose(1, 2) if outs else q.new_zeros(B, 0, H, V)
     return o, S
 

@@ -101,6 +101,32 @@ def test_kernel_varlen(lens, dtype):
     _check(q, k, v, d, s0, cu=cu.to(DEVICE))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", ["forward", "backward"])
+def test_fp16_headroom(case, backend):
+    """fp16 products that overflow only unscaled: q.k (forward) or dO.v (backward) past 65504 while
+    scale times it fits. The intra-chunk products must be scaled before they are rounded to fp16
+    (the kernel's dot operand, the reference's mirror of it) and the reference's gradients must not
+    pass through fp16: before, the kernel gave inf / NaN here, and the reference too."""
+    T, K = 40, 16  # T > 16: the chunked forward, as training takes
+    g = torch.Generator().manual_seed(3)
+    noise = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    if case == "forward":  # q.k = 80 * 80 * 16 = 102400 unscaled, 25600 scaled
+        q = k = 80 + noise(1, T, 1, K)
+        v, do = 1e-3 * (noise(1, T, 1, K) - 0.5), 1e-2 * (noise(1, T, 1, K) - 0.5)  # dv too stays in fp16
+    else:  # dO.v = 30 * 300 * 16 = 144000 unscaled
+        q, k = (1e-2 * (noise(1, T, 1, K) - 0.5) for _ in range(2))
+        v, do = 300 + noise(1, T, 1, K), 30 + noise(1, T, 1, K)
+    leaves = [x.to(torch.float16).to(DEVICE).requires_grad_() for x in (q, k, v)]
+    o, _ = subquad.lightning_attention(*leaves, backend=backend)
+    grads = torch.autograd.grad(o.float(), leaves, do.float().to(DEVICE))
+    exact = [x.detach().double().requires_grad_() for x in leaves]
+    o64, _ = lightning_attention_naive(*exact)
+    g64 = torch.autograd.grad(o64, exact, do.to(DEVICE))
+    for name, a, b in zip(["o", "dq", "dk", "dv"], (o, *grads), (o64, *g64)):
+        assert_close(name, a, b, b, dtype=torch.float16)
+
+
 def test_varlen_equals_separate_calls():
     """Each packed sequence gets exactly what a separate call with its own state gives."""
     lens = [9, 70, 24]
