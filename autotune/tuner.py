@@ -167,6 +167,16 @@ class Tuner:
         self._memo[memo] = cfg
         return cfg
 
+    def forget_choices(self) -> None:
+        """Drop this process's choices (the disk cache stays): the next ``choose`` per bucket looks
+        again, e.g. with tuning switched back on after calls that ran the defaults."""
+        self._memo.clear()
+
+    def chosen(self, bucket: tuple, device) -> Optional[Config]:
+        """The config ``choose`` picked for ``bucket`` on ``device`` in this process, or None if the
+        kernel has not run there yet (benchmarks report the tiles that ran, not the default's)."""
+        return self._memo.get((tuple(bucket), getattr(device, "type", "cpu"), getattr(device, "index", None)))
+
     def _cached(self, entry, bucket) -> Optional[Config]:
         """The config of a cache entry if it is one of this bucket's candidates now (a malformed
         entry, or a config the space no longer holds for the bucket, is tuned again)."""

@@ -29,13 +29,28 @@ from bench.common import fmt  # noqa: E402
 
 
 def run_checks(name: str) -> list:
-    """The family's check rows; an exception becomes one failed row."""
+    """The family's check rows; an exception becomes one failed row. The checks run each kernel's
+    default config, untuned: their inputs are small, and a tuning bucket holds no problem size, so
+    timing candidates on them would pick configs on launch-latency-sized calls, which the speed
+    tables (and the disk cache) would then reuse. The choices are forgotten afterwards, so the speed
+    tables tune on their own sizes. (Every config is checked against the reference by the tests.)"""
+    from subquad.autotune import spaces
+
+    before = os.environ.get("SUBQUAD_AUTOTUNE")
+    os.environ["SUBQUAD_AUTOTUNE"] = "0"
     try:
         return importlib.import_module(f"bench.{name}").check()
     except Exception as exc:
         traceback.print_exc()
         return [dict(family=name, case="check", tensor="-", err=None, ref_err=None, bound=None, ok=False,
                      error=f"{type(exc).__name__}: {exc}")]
+    finally:
+        if before is None:
+            del os.environ["SUBQUAD_AUTOTUNE"]
+        else:
+            os.environ["SUBQUAD_AUTOTUNE"] = before
+        for tuner in spaces.ALL:
+            tuner.forget_choices()
 
 
 def main(argv=None) -> int:

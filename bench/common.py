@@ -53,6 +53,8 @@ def git_commit() -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
+        # refresh the index's stat data first: a copied or touched tree would otherwise read as dirty
+        subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=REPO, capture_output=True, timeout=10)
         dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=REPO,
                                capture_output=True, timeout=10).returncode != 0
         return head.stdout.strip() + ("+dirty" if dirty else "")

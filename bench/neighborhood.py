@@ -350,12 +350,15 @@ def flops(impl: str, mode: str, case: dict, B: int, H: int, D: int) -> float:
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwdbwd": 3.5 * fwd}[mode]
 
 
-def kernel_tiles(dtype, D: int, case: dict) -> dict:
+def kernel_tiles(dtype, D: int, case: dict, device=None) -> dict:
     """The (query tile, KV tile) shapes subquad's kernels use for this case's tuner bucket (dtype,
     head dim, rank, strided), from the autotuner: {"fwd" | "dq" | "dkdv": {"q_tile", "kv_tile",
     "config", "source"}}. source is "chosen" when the kernel already ran in this process (the config
-    it ran), else "default"."""
+    it ran on ``device``, default the current CUDA device), else "default"."""
     from subquad.autotune import spaces
+
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     from subquad.kernels.neighborhood import tuner_bucket
 
     c = _norm(case)
@@ -364,8 +367,8 @@ def kernel_tiles(dtype, D: int, case: dict) -> dict:
     out = {}
     for key, tuner in (("fwd", spaces.NEIGHBORHOOD_FWD), ("dq", spaces.NEIGHBORHOOD_BWD_DQ),
                        ("dkdv", spaces.NEIGHBORHOOD_BWD_DKDV)):
-        memo = getattr(tuner, "_memo", {})
-        cfg, source = (memo[bucket], "chosen") if bucket in memo else (tuner.default(bucket), "default")
+        cfg = tuner.chosen(bucket, device)
+        cfg, source = (cfg, "chosen") if cfg is not None else (tuner.default(bucket), "default")
         out[key] = {"q_tile": [cfg.kw[f"TQ{i}"] for i in range(3)][3 - nd:],
                     "kv_tile": [cfg.kw[f"TK{i}"] for i in range(3)][3 - nd:],
                     "config": cfg.name(), "source": source}
@@ -489,15 +492,17 @@ def measure_gpu(impl: str, case: dict, dtype, B: int, H: int, D: int, modes: Seq
 
 
 def agreement(impl: str, case: dict, dtype, B: int, H: int, D: int) -> Optional[float]:
-    """max |o_impl - o_subquad| on the benchmark's own inputs (forward, no autograd)."""
-    with torch.no_grad():
-        outs = []
-        for name in ("subquad", impl):
-            layout, attn = attention_fn(name, case, GPU_DEVICE)
-            q, k, v, _ = make_inputs(case, B, H, D, dtype, GPU_DEVICE)
-            outs.append(from_layout(attn(*(common.to_layout(x, layout) for x in (q, k, v))), layout, q).float())
-            del q, k, v
-        diff = (outs[0] - outs[1]).abs().max().item()
+    """max |o_impl - o_subquad| on the benchmark's own inputs: a forward as the timed calls made it
+    (inputs that require grad, grad mode on), so compiled Flex reuses its graph instead of
+    compiling an inference one (no_grad fails dynamo's grad-mode guard)."""
+    outs = []
+    for name in ("subquad", impl):
+        layout, attn = attention_fn(name, case, GPU_DEVICE)
+        q, k, v, _ = make_inputs(case, B, H, D, dtype, GPU_DEVICE)
+        xs = [common.to_layout(x, layout).detach().requires_grad_() for x in (q, k, v)]
+        outs.append(from_layout(attn(*xs), layout, q).detach().float())
+        del q, k, v, xs
+    diff = (outs[0] - outs[1]).abs().max().item()
     del outs
     torch.cuda.empty_cache()
     return diff

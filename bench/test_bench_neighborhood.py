@@ -88,3 +88,24 @@ def test_run_gpu_measures_only_the_implementations_asked_for(monkeypatch, tmp_pa
     monkeypatch.setattr(nb, "natten_module", lambda: None)
     nb.run_gpu(True, str(tmp_path), cases=["1d-s256"], modes=["fwd"], impls=["subquad", "sdpa_cudnn"])
     assert seen == ["subquad", "sdpa_cudnn"]
+
+
+def test_kernel_tiles_report_the_tuned_choice():
+    """The tile bound is computed on the tiles that ran: the tuner's choice on the device, not the
+    bucket's default (the tuner memoises per device; looking up the bare bucket always missed)."""
+    from subquad.autotune import spaces
+    from subquad.kernels.neighborhood import tuner_bucket
+
+    case = dict(name="3d", shape=(30, 48, 80), kernel_size=(18, 24, 24), stride=(16, 8, 8))
+    bucket = tuner_bucket(torch.float16, 128, 3, (16, 8, 8))
+    dev = torch.device("cuda", 0)
+    tuner = spaces.NEIGHBORHOOD_FWD
+    other = next(c for c in tuner.candidates(bucket) if c != tuner.default(bucket))
+    key = (bucket, "cuda", 0)
+    tuner._memo[key] = other
+    try:
+        fwd = nb.kernel_tiles(torch.float16, 128, case, device=dev)["fwd"]
+    finally:
+        del tuner._memo[key]
+    assert fwd["source"] == "chosen" and fwd["config"] == other.name()
+    assert nb.kernel_tiles(torch.float16, 128, case, device=dev)["fwd"]["source"] == "default"

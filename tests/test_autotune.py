@@ -102,6 +102,9 @@ def test_memo_is_per_device(tmp_path, monkeypatch):
     assert t.choose(("x",), FakeCuda(), lambda c: c.kw["BV"]) == space[0]
     assert t.choose(("x",), FakeCuda1(), lambda c: -c.kw["BV"]) == space[1]
     assert t.choose(("x",), FakeCuda(), lambda c: 1 / 0) == space[0]  # memoised per device
+    # what a benchmark reads back: the choice per device, None where the kernel has not run
+    assert t.chosen(("x",), FakeCuda()) == space[0] and t.chosen(("x",), FakeCuda1()) == space[1]
+    assert t.chosen(("y",), FakeCuda()) is None
     Tuner.forget_memory()
 
 
