@@ -318,7 +318,8 @@ HIP_BWD_DQ = Tuner("hip_bwd_dq", [
     _c(4, 1, BM=32, BN=32),
     _c(8, 2, BM=32, BN=32),
 ], lambda c, b: _hip_valid(c, b, 1, True),  # fp32 D = 256: 4 warps spill 6.4 KB
-    first=_first(_wide(_c(8, 2, BM=32, BN=16)), _c(4, 2, BM=32, BN=32), tf32=[_c(4, 2, BM=32, BN=32)]))
+    # fp32 up to D = 128: 8 warps (4 warps spill on sm_90 at D = 128 since dS is scaled in the step)
+    first=_first(_wide(_c(8, 2, BM=32, BN=16)), _c(8, 2, BM=64, BN=32), tf32=[_c(4, 2, BM=32, BN=32)]))
 HIP_BWD_DKDV_GATHER = Tuner("hip_bwd_dkdv_gather", [
     _c(4, 1, BM=64, BN=32),
     _c(8, 2, BM=64, BN=32),
@@ -429,7 +430,9 @@ ALL = ALL + ROUTING + [ROUTING_INVERSE, ROUTING_POOL, ROUTING_SELECT]
 # 3.6 and 3.9 (wider dots spill somewhere: 4 warps at D=64 on sm_80 with 3.6, 8 warps at D=256 on
 # sm_90 with 3.6, 8 warps at D=64 on sm_80 with 3.9); the tuner tries the wider ones. fp32 (FMA dots
 # in 16-column slices; F32=0 marks configs not offered for it) defaults to NR=64 with 8 warps (NR=32
-# spills 24-32 B on triton 3.6).
+# spills 24-32 B on triton 3.6). So does a decoding step (bucket[5]; NQS = 16 rows as block_size_q
+# is clipped to Tq), where the F32=0 config spills 24 B at D=64 on sm_80 with 3.9 and NR64_w8 is
+# clean at D = 32-128 on both (NR32 with 4 warps spills on sm_90 with 3.6).
 HIP_SELECT = Tuner("hip_select", [
     _c(8, 1, NR=32, F32=0),
     _c(8, 1, NR=64),
@@ -438,6 +441,6 @@ HIP_SELECT = Tuner("hip_select", [
     _c(4, 1, NR=128),
     _c(8, 1, NR=256),
     _c(4, 1, NR=32),
-], lambda c, b: b[0] != "float32" or c.kw.get("F32", 1) == 1,
+], lambda c, b: (b[0] != "float32" and not b[5]) or c.kw.get("F32", 1) == 1,
     keys_tf32=False)  # IEEE dots whatever torch's setting: the ranking must match the reference's
 ALL = ALL + [HIP_SELECT]

@@ -14,8 +14,10 @@ Conventions: the walks take raw scores ``s = q . k`` and ``qk_scale = scale * lo
 inside the exponent, ``2^(s qk_scale - m)``: one FFMA per score where scaling the tile first costs
 an FMUL and an FADD (the row max is taken on raw scores and scaled once per row: exact, as
 qk_scale > 0). The softmax runs in the log2 domain: the forward writes ``lse = m + log2(l)`` next
-to o, the dQ walk computes ``delta = rowsum(dO * O)`` per row and stores it for the dK/dV walk.
-dQ and dK are returned unscaled: multiply by ``scale`` once.
+to o, the dQ walk computes ``delta = rowsum(dO * O)`` per row and stores ``scale delta`` for the
+dK/dV walk. dS carries the softmax scale before it is rounded to a 16-bit dot operand (the dQ walk
+through its lse, the dK/dV walk by one FMA), so dQ and dK come out scaled and fp16 has 1/scale
+more headroom for dO . v.
 
 Counts per visited (query tile BM, KV tile BN) pair at head dim D: forward 4 BM BN D FLOPs
 (QK^T, PV); backward 8 BM BN D for dK/dV (QK^T recompute, P^T dO, V dO^T, dS^T Q) + 6 BM BN D
@@ -76,26 +78,31 @@ def fwd_finish(acc, m_i, l_i):
 
 @triton.jit
 def dq_update(dq, p, do, k, v, delta, PREC: tl.constexpr):
-    """dQ += dS K with dS = P (dO V^T - delta); p [BM, BN] recomputed from lse, masked entries 0."""
+    """dQ += dS K with dS = P (dO V^T - delta); p [BM, BN] recomputed from lse, masked entries 0.
+    The dQ walk passes p already times the softmax scale (``q_walk_init`` folds log2(scale) into its
+    lse), so dS is scaled before it is rounded to a 16-bit dot operand, at no cost: unscaled it
+    overflows fp16 1/scale times sooner, e.g. |dO . v| past 65504 under a GradScaler."""
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
 
 @triton.jit
-def dkdv_update(dk, dv, pt, q, do, v, delta, PREC: tl.constexpr):
+def dkdv_update(dk, dv, pt, q, do, v, delta, scale, PREC: tl.constexpr):
     """dV += P^T dO, dK += dS^T Q for one query tile; pt [BN, BM] = P^T (masked entries 0, rows of
-    invalid queries 0 via lse = +inf), delta [BM]."""
+    invalid queries 0 via lse = +inf), delta [BM] times scale (as stored by ``q_walk_init``); dS
+    scaled before its rounding as in ``dq_update`` (one FMA, as the unscaled difference was one
+    add), so dK needs no scale at the end."""
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt * scale - delta[None, :])
     dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
 
 @triton.jit
-def q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM: tl.constexpr, BD: tl.constexpr,
-                BWD: tl.constexpr):
+def q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, scale, BM: tl.constexpr,
+                BD: tl.constexpr, BWD: tl.constexpr):
     """Start of a query tile's walk (forward, or dQ with BWD): the tile q and the walk state
     (do, lse, delta, acc, m_i, l_i). Forward: acc = o accumulator, m_i, l_i the online softmax
     (do, lse, delta unused). BWD: acc = dQ; rows that saw no key (lse = -inf) or are invalid get
@@ -112,7 +119,8 @@ def q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM:
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         o = load_rows(O, q_rows, q_ok, offs_d, d_ok)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        tl.store(DELTA + stat_rows, delta, mask=q_ok)
+        tl.store(DELTA + stat_rows, delta * scale, mask=q_ok)  # the dK/dV walks' form
+        lse = lse - tl.math.log2(scale)  # the walk's P comes out times scale
     else:
         do = q
         lse = m_i
@@ -123,7 +131,8 @@ def q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok, BM:
 @triton.jit
 def q_walk_step(acc, m_i, l_i, s, qk_scale, lse, do, k, v, delta, PREC: tl.constexpr, BWD: tl.constexpr):
     """One KV tile of a query tile's walk: s [BM, BN] raw scores q . k, masked entries -inf.
-    Forward: the online softmax update; BWD: dQ += dS K with P = 2^(s qk_scale - lse)."""
+    Forward: the online softmax update; BWD: dQ += dS K with scale P = 2^(s qk_scale - lse), lse
+    as ``q_walk_init`` returns it."""
     if BWD:
         acc = dq_update(acc, tl.math.exp2(s * qk_scale - lse[:, None]), do, k, v, delta, PREC)
     else:
@@ -132,11 +141,11 @@ def q_walk_step(acc, m_i, l_i, s, qk_scale, lse, do, k, v, delta, PREC: tl.const
 
 
 @triton.jit
-def q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD: tl.constexpr):
-    """End of a query tile's walk: forward writes o and lse, BWD writes dQ (times ``scale``)."""
+def q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, BWD: tl.constexpr):
+    """End of a query tile's walk: forward writes o and lse, BWD writes dQ (already scaled)."""
     mask = q_ok[:, None] & d_ok[None, :]
     if BWD:
-        tl.store(DQ + q_rows[:, None] + offs_d[None, :], (acc * scale).to(DQ.dtype.element_ty), mask=mask)
+        tl.store(DQ + q_rows[:, None] + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=mask)
     else:
         o, lse = fwd_finish(acc, m_i, l_i)
         tl.store(O + q_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask)

@@ -179,7 +179,7 @@ def _hip_q_kernel(
     kv_base = b.to(tl.int64) * Tk
     blkrow = BLK + ((b.to(tl.int64) * H + h) * NQB + qb) * Kb
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
-                                                   BM, BD, BWD)
+                                                   scale, BM, BD, BWD)
 
     # (1) sinks + selected blocks, gathered BN positions at a time; every key precedes the block
     for start in range(g_lo, g_hi, BN):
@@ -206,7 +206,7 @@ def _hip_q_kernel(
     if SPLIT:  # forward only: part s of the partial outputs
         stat_rows += part.to(tl.int64) * n_stat
         q_rows = stat_rows * D
-    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
+    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, BWD)
 
 
 @triton.jit
@@ -274,10 +274,10 @@ def _hip_dkdv_gather_kernel(
         pt = tl.where(ok[:, None], pt, 0.0)
         dk = tl.zeros([BN, BD], dtype=tl.float32)
         dv = tl.zeros([BN, BD], dtype=tl.float32)
-        dk, dv = dkdv_update(dk, dv, pt, q, do, vt, delta, PREC)
+        dk, dv = dkdv_update(dk, dv, pt, q, do, vt, delta, scale, PREC)
         ptrs = k_rows[:, None] + offs_d[None, :]
         mask2 = ok[:, None] & d_ok[None, :]
-        tl.atomic_add(DK32 + ptrs, dk * scale, mask=mask2, sem="relaxed")
+        tl.atomic_add(DK32 + ptrs, dk, mask=mask2, sem="relaxed")
         tl.atomic_add(DV32 + ptrs, dv, mask=mask2, sem="relaxed")
 
 
@@ -335,10 +335,10 @@ def _hip_dkdv_local_kernel(
                 L_r = tl.maximum(off + (rows // bsq) * bsq - W + 1, 0)
                 mask_t = (cols[:, None] >= L_r[None, :]) & (cols[:, None] <= p_r[None, :]) & k_ok[:, None]
                 pt = tl.where(mask_t, pt, 0.0)
-            dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+            dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, scale, PREC)
     ptrs = k_rows[:, None] + offs_d[None, :]
     mask2 = k_ok[:, None] & d_ok[None, :]
-    dk = dk * scale + tl.load(DK32 + ptrs, mask=mask2, other=0.0)
+    dk = dk + tl.load(DK32 + ptrs, mask=mask2, other=0.0)
     dv = dv + tl.load(DV32 + ptrs, mask=mask2, other=0.0)
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask2)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask2)

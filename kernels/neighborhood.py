@@ -227,7 +227,7 @@ def _na_q_kernel(
     cnt2 = (le2 - 1) // TK2 - lo2 + 1
 
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
-                                                   BM, BD, BWD)
+                                                   scale, BM, BD, BWD)
     kl0, kl1, kl2, k_rel = _box_layout(TK0, TK1, TK2, d0, d1, d2, n1, n2)
     if WIDE:
         k_rel = k_rel.to(tl.int64)
@@ -265,7 +265,7 @@ def _na_q_kernel(
             sc = tl.where(mask, sc, float("-inf"))
         acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
         kt0, kt1, kt2 = _next_tile(kt0, kt1, kt2, lo1, lo2, cnt1, cnt2)
-    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
+    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, BWD)
 
 
 @triton.jit
@@ -341,9 +341,9 @@ def _na_kv_kernel(
                           & (kc1[:, None] >= st1[None, :]) & (kc1[:, None] < en1[None, :])
                           & (kc2[:, None] >= st2[None, :]) & (kc2[:, None] < en2[None, :]))
                 pt = tl.where(mask_t, pt, 0.0)
-            dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+            dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, scale, PREC)
             qt0, qt1, qt2 = _next_tile(qt0, qt1, qt2, lo1, lo2, cnt1, cnt2)
-    tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+    tl.store(DK + k_rows[:, None] + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
     tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
 

@@ -146,7 +146,7 @@ def _route_q_kernel(
     q_rows = stat_rows * D
     # a query that saw no key (every routed region padding) has lse = -inf: q_walk_init gives it P = 0
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
-                                                   BM, BD, BWD)
+                                                   scale, BM, BD, BWD)
 
     idx_row = IDX + b.to(tl.int64) * idx_sb + h * idx_sh + reg * TOPK
     a, lr, lc = _walk_start(BN, RT, R2)
@@ -166,7 +166,7 @@ def _route_q_kernel(
             sc = tl.where((p0 + tl.arange(0, BN) < total)[None, :], sc, float("-inf"))
         acc, m_i, l_i = q_walk_step(acc, m_i, l_i, sc, qk_scale, lse, do, kt, vt, delta, PREC, BWD)
         a, lr, lc = _walk_next(a, lr, lc, BN, R1, R2, RT)
-    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, scale, BWD)
+    q_walk_store(O, LSE, DQ, q_rows, stat_rows, q_ok, offs_d, d_ok, acc, m_i, l_i, BWD)
 
 
 @triton.jit
@@ -213,9 +213,9 @@ def _route_kv_kernel(
         # padded keys of this tile get garbage rows of P, but their dK/dV rows are never stored
         # and a row of dK/dV depends only on its own row of P: no key mask needed
         pt = tl.math.exp2(tl.dot(k, tl.trans(qt), input_precision=PREC) * qk_scale - lse[None, :])
-        dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, PREC)
+        dk, dv = dkdv_update(dk, dv, pt, qt, dot_, v, delta, scale, PREC)
         a, lr, lc = _walk_next(a, lr, lc, BM, R1, R2, RT)
-    tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+    tl.store(DK + k_rows[:, None] + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
     tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
 
@@ -253,7 +253,10 @@ def _pool_kernel(Q, K, MEANS, ntok, n1, n2, S1, S2, R1, R2, G, HD, BT: tl.conste
     group's real tokens are read in row-major runs of BT (a group spanning the width is one
     contiguous run, whatever the region size) and each run is added to its region columns by one
     ``tl.dot`` with a 0/1 membership matrix [BS, BT]: no region table, no lane idle on 4-token
-    regions (one program per region left 28 of 32 rows masked there)."""
+    regions (one program per region left 28 of 32 rows masked there). A NaN / inf token makes the
+    means of every region column of its run non-finite (0 x NaN in the dot), where the reference
+    keeps it to its own region: that batch element's routing then differs, its output has NaN
+    either way (known, not fixed: two more dots per step to count non-finite entries)."""
     band = tl.program_id(0) // G
     grp = tl.program_id(0) % G
     c = tl.program_id(1) * BC + tl.arange(0, BC)

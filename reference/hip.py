@@ -58,6 +58,8 @@ from typing import Optional
 
 import torch
 
+from .common import rounded
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -221,7 +223,7 @@ def _softmax_av(s: Tensor, ok: Tensor, v: Tensor, p_dtype: Optional[torch.dtype]
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
     if p_dtype is not None:
-        p = p.to(p_dtype).to(v.dtype)
+        p = rounded(p, p_dtype)
     return torch.matmul(p, v) / torch.where(l == 0, torch.ones_like(l), l)
 
 

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .common import empty_output, recomputed
+from .common import empty_output, recomputed, rounded
 
 Tensor = torch.Tensor
 IntOrTensor = Union[int, Tensor]
@@ -279,8 +279,7 @@ def _tile_chunk(qh: Tensor, kh: Tensor, vh: Tensor, qi: Tensor, ki: Tensor, bias
     s = qg @ kg.transpose(-1, -2)                                            # [B, Hkv, Tc, Q*G, K]
     s.view(B, Hkv, Tc, Q, G, K).add_(bias)
     p = torch.softmax(s, dim=-1)
-    if out_dtype in (torch.float16, torch.bfloat16):
-        p = p.to(out_dtype).to(acc)  # as a flash kernel does: P enters the PV product in the input dtype
+    p = rounded(p, out_dtype)  # as a flash kernel does: P enters the PV product in the input dtype
     o = p @ vg                                                               # [B, Hkv, Tc, Q*G, Dv]
     return o.reshape(B, Hkv, Tc * Q, G, -1).to(out_dtype)
 

@@ -36,7 +36,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .common import recomputed
+from .common import recomputed, rounded
 
 Tensor = torch.Tensor
 
@@ -271,8 +271,7 @@ def _chunk(qr: Tensor, kr: Tensor, vr: Tensor, idx: Tensor, kbias: Tensor, scale
     s = (qr.to(acc) * scale) @ kg.transpose(-1, -2) + bias              # [B, H, Rc, RT, topk RT]
     seen = torch.isfinite(bias).any(-1, keepdim=True)                   # a query region with no real key
     p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), dim=-1) * seen
-    if out_dtype in (torch.float16, torch.bfloat16):
-        p = p.to(out_dtype).to(acc)
+    p = rounded(p, out_dtype)  # P in the input dtype, as the kernel's
     return (p @ vg).to(out_dtype)
 
 
