@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 import importlib  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from unittest import mock  # noqa: E402
 
 from bench import FAMILIES, common  # noqa: E402
 from bench.common import fmt  # noqa: E402
@@ -36,19 +37,14 @@ def run_checks(name: str) -> list:
     tables tune on their own sizes. (Every config is checked against the reference by the tests.)"""
     from subquad.autotune import spaces
 
-    before = os.environ.get("SUBQUAD_AUTOTUNE")
-    os.environ["SUBQUAD_AUTOTUNE"] = "0"
     try:
-        return importlib.import_module(f"bench.{name}").check()
+        with mock.patch.dict(os.environ, {"SUBQUAD_AUTOTUNE": "0"}):
+            return importlib.import_module(f"bench.{name}").check()
     except Exception as exc:
         traceback.print_exc()
         return [dict(family=name, case="check", tensor="-", err=None, ref_err=None, bound=None, ok=False,
                      error=f"{type(exc).__name__}: {exc}")]
     finally:
-        if before is None:
-            del os.environ["SUBQUAD_AUTOTUNE"]
-        else:
-            os.environ["SUBQUAD_AUTOTUNE"] = before
         for tuner in spaces.ALL:
             tuner.forget_choices()
 
