@@ -55,6 +55,14 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return out
 
 
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous and starting on a 16-byte boundary. ``.contiguous()`` keeps a contiguous view
+    at any storage offset (a slice of a packed buffer); a TMA descriptor's base must be 16-byte
+    aligned, so such a view is copied (a fresh allocation is aligned)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 

@@ -136,6 +136,31 @@ def test_every_config(tuner, cfg, monkeypatch):
     _check(*_RANK_CASE[cfg.kw["R"]], torch.float32)
 
 
+def test_misaligned_kv_under_a_tma_config(monkeypatch):
+    """K/V that are contiguous views starting off a 16-byte boundary (slices of one packed buffer):
+    ``.contiguous()`` keeps them as they are, and a TMA config (which the GPU tuner may pick and
+    cache for the bucket) builds its descriptors on them, whose base must be 16-byte aligned."""
+    from subquad.autotune import spaces
+
+    for tuner in (spaces.NEIGHBORHOOD_FWD, spaces.NEIGHBORHOOD_BWD_DQ):
+        tma = next(c for c in tuner.configs() if c.kw.get("TMA") and c.kw["R"] == 1)
+        monkeypatch.setattr(tuner, "choose", lambda bucket, device, bench, cfg=tma: cfg)
+    B, T, H, D = 1, 41, 2, 16
+    n = B * T * H * D
+    q = randn(B, T, H, D, dtype=torch.float32, seed=1)
+    packed = randn(2 * n + 1, dtype=torch.float32, seed=2)
+    do = randn(B, T, H, D, dtype=torch.float32, seed=3)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [q.clone().requires_grad_(), packed.clone().requires_grad_()]
+        k, v = leaves[1][1:n + 1].view(B, T, H, D), leaves[1][n + 1:].view(B, T, H, D)
+        assert k.is_contiguous() and k.data_ptr() % 16 and v.data_ptr() % 16
+        o = subquad.na1d(leaves[0], k, v, 5, dilation=2, backend=backend)
+        results.append((o,) + torch.autograd.grad((o * do).sum(), leaves))
+    for name, a, b in zip(["o", "dq", "d packed kv"], *results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @triton.jit
 def _query_tiles_probe(OUT, TK, TQ, n, k, s, causal, nbits):
     t = tl.program_id(0)
