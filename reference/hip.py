@@ -302,4 +302,4 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
         o = _softmax_av(s, ok, vv, None if q.dtype == sdt else q.dtype)
         outs.append(o.reshape(B, H, n * bq, D))
     o = torch.cat(outs, 2)[:, :, :Tq]
-    return o.permute(0, 2, 1, 3).to(q.dtype)
+    return o.permute(0, 2, 1, 3).contiguous().to(q.dtype)  # contiguous, as the kernel's

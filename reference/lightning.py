@@ -105,7 +105,7 @@ def _chunked(q, k, v, s, scale, S0, chunk_size):
         outs.append((intra + inter).to(dt))
         kw = ka if kdec is None else rounded(ka * kdec, dt)
         S = kw.transpose(-1, -2) @ va + (S if cdec is None else S * cdec)
-    o = torch.cat(outs, 2).transpose(1, 2) if outs else q.new_zeros(B, 0, H, V)
+    o = torch.cat(outs, 2).transpose(1, 2).contiguous() if outs else q.new_zeros(B, 0, H, V)
     return o, S
 
 

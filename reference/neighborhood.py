@@ -366,7 +366,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, stride=
         outs.append(o)
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)                      # [B, Hkv, T*Q, G, Dv]
     o = o.reshape(B * Hkv, T * Q, G * Dv).index_select(1, inv)                      # [B*Hkv, N, G*Dv]
-    return o.reshape(B, Hkv, N, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, *spatial, H, Dv)
+    return o.reshape(B, Hkv, N, G, Dv).permute(0, 2, 1, 3, 4).contiguous().reshape(B, *spatial, H, Dv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def from_regions(x: Tensor, g: RegionGeometry) -> Tensor:
     B, H, _, _, D = x.shape
     x = x.reshape(B, H, g.S1, g.S2, g.r1, g.r2, D).permute(0, 2, 4, 3, 5, 1, 6)
     x = x.reshape(B, g.S1 * g.r1, g.S2 * g.r2, H, D)[:, :g.n1, :g.n2]
-    return x.reshape(B, g.N, H, D)
+    return x.reshape(B, g.N, H, D).contiguous()  # contiguous as the kernel's (a view in 1-D)
 
 
 def region_extents(g: RegionGeometry) -> List[Tuple[int, int, int]]:
@@ -159,7 +159,7 @@ def region_means(x: Tensor, g: RegionGeometry) -> Tensor:
 def _stable_topk(a: Tensor, topk: int) -> Tensor:
     """Indices of the ``topk`` largest entries along the last dim, largest first, ties to the
     lower index (a stable descending sort: torch.topk does not promise an order for ties)."""
-    return torch.sort(a, dim=-1, descending=True, stable=True).indices[..., :topk]
+    return torch.sort(a, dim=-1, descending=True, stable=True).indices[..., :topk].contiguous()
 
 
 def route(q: Tensor, k: Tensor, g: RegionGeometry, topk: int, per_head: bool = False) -> Tensor:

@@ -45,6 +45,21 @@ def test_empty_batch(family, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_outputs_are_contiguous(family, backend):
+    """Both backends return a contiguous o, so that model code's head merge ``o.view(B, T, H * D)``
+    runs on CPU (auto: the reference) as it does on CUDA (auto: Triton)."""
+    q, k, v = (randn(2, 18, 3, 16, seed=s) for s in (0, 1, 2))
+    o = FAMILIES[family](q, k, v, backend)
+    assert o.is_contiguous()
+    o.view(2, 18, 48)
+    if family == "routing":
+        _, idx = subquad.bilevel_routing_attention(q, k, v, num_regions=3, topk=2, backend=backend,
+                                                   return_routing=True)
+        assert idx.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_inference_mode(backend):
     """Serving runs under torch.inference_mode, whose tensors have no version counter: the caches
     of checked values (lightning's decay, a reused HiP mask) must not read one. Same outputs as
