@@ -1,7 +1,8 @@
 from setuptools import setup
 
 # One distribution, one import name. The top-level kernels/, reference/ and autotune/
-# folders are mapped into the package (see DESIGN.md), so code always imports `subquad.*`.
+# folders are mapped into the package (the layout README.md's Layout section describes), so code
+# always imports `subquad.*`.
 setup(
     name="subquad",
     version="0.1.0",

@@ -1,7 +1,11 @@
 """subquad: Triton kernels for sub-quadratic attention, each beside a PyTorch reference.
 
-Families: lightning (linear) attention, neighborhood / generalized neighborhood attention. Every op takes ``backend="auto" | "triton" |
-"reference"``; auto runs Triton on CUDA tensors and the reference on CPU tensors.
+Families: lightning (linear) attention (``lightning_attention``), neighborhood / generalized
+neighborhood attention (``neighborhood_attention``, ``na1d/2d/3d``), HiP tree-pruned top-k
+attention (``hip_attention``, ``hip_mask``) and bi-level routing attention
+(``bilevel_routing_attention``, the block ``subquad.nn.BiLevelRoutingAttention``). Every op takes
+``backend="auto" | "triton" | "reference"``; auto runs Triton on CUDA tensors and the reference on
+CPU tensors.
 Importing subquad initialises no GPU and compiles nothing.
 """
 

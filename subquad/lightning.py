@@ -8,14 +8,20 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import (capturing, check_dim, check_same, check_scale, check_tensor, public_op, resolve_backend,
+from ._checks import (capturing, check_dim, check_int, check_same, check_scale, check_tensor, public_op, resolve_backend,
                       tensor_version)
 from .reference import lightning as _ref
 from .reference.common import empty_output
 
 __all__ = ["lightning_attention", "lightning_slopes"]
 
-lightning_slopes = _ref.lightning_slopes
+
+
+def lightning_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head decay rates of the Lightning Attention-2 code (ALiBi-style): ``s_h = 2^(-8 (h+1) /
+    H)`` for h < H = num_heads, fp32 ``[H]``, for ``lightning_attention(..., decay=...)`` (move it to
+    q's device)."""
+    return _ref.lightning_slopes(check_int("num_heads", num_heads, 1))
 
 
 # Decay tensors whose values were checked, by identity (weak reference) and version counter: a

@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import check_int, check_scale
-from .routing import bilevel_routing_attention
+from ._checks import BACKENDS, check_int, check_scale
+from .routing import bilevel_routing_attention, check_region_args
 
 __all__ = ["BiLevelRoutingAttention"]
 
@@ -65,6 +65,10 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"dim must be a multiple of num_heads, got dim={dim}, num_heads={num_heads}")
         if side_dwconv and side_dwconv % 2 == 0:
             raise ValueError(f"side_dwconv must be 0 or an odd kernel size, got {side_dwconv}")
+        # what does not depend on the input size is checked here, not at the first forward
+        _, topk = check_region_args((1 << 62, 1 << 62), num_regions, topk)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.dim, self.num_heads, self.topk = dim, num_heads, topk
         self.num_regions = num_regions
         self.head_dim = dim // num_heads

@@ -105,7 +105,8 @@ def bilevel_routing_attention(
     Args:
         q, k, v: ``[B, *spatial, H, D]`` with 1 spatial dim (``[B, T, H, D]``) or 2
             (``[B, Hi, Wi, H, D]``), same shape, dtype (float32, float16, bfloat16; under
-            torch.autocast any of them, cast to its dtype as for SDPA) and device.
+            torch.autocast any of them, cast to its dtype as for SDPA) and device. The Triton
+            backend takes head dims D in [16, 128].
         num_regions: regions per spatial dim (BiFormer's n_win): an int or one per dim, each in
             [1, size of the dim]. R = the product.
         topk: regions routed per region, 1 <= topk <= R (topk = R is full attention).

@@ -146,3 +146,15 @@ def test_float64_decay_past_float32_range():
         o, f = subquad.lightning_attention(q, k, v, decay, initial_state=s0, output_final_state=True, backend=backend)
         torch.testing.assert_close(o.double(), want_o, rtol=1e-4, atol=1e-4, msg=backend)
         torch.testing.assert_close(f.double(), want_f, rtol=1e-4, atol=1e-4, msg=backend)
+
+
+def test_slopes():
+    """2^(-8 (h+1) / H) per head; a head count that is not a positive int is refused (2.5 used to
+    give 3 rates, -1 an unrelated torch error)."""
+    s = subquad.lightning_slopes(8)
+    assert s.dtype == torch.float32 and s.shape == (8,)
+    assert torch.equal(s, torch.tensor([2.0 ** (-(h + 1)) for h in range(8)]))
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        subquad.lightning_slopes(2.5)
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        subquad.lightning_slopes(-1)

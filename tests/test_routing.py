@@ -386,6 +386,15 @@ def test_module_options():
         subquad.nn.BiLevelRoutingAttention(32, num_heads=2, qk_scale=-0.1)
     with pytest.raises(ValueError, match=r"x must be \[B, Hi, Wi, C=32\]"):
         subquad.nn.BiLevelRoutingAttention(32, num_heads=2)(torch.randn(1, 8, 32))
+    # what does not depend on the input is refused when the block is built, not at its first forward
+    with pytest.raises(ValueError, match="backend must be one of"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2, backend="cuda")
+    with pytest.raises(ValueError, match="num_regions must be >= 1"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2, num_regions=(7, 0))
+    with pytest.raises(ValueError, match=r"topk must be in \[1, number of regions = 4\]"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2, num_regions=2, topk=5)
+    with pytest.raises(TypeError, match="topk must be an int"):
+        subquad.nn.BiLevelRoutingAttention(32, num_heads=2, topk=2.0)
 
 
 @pytest.mark.gpu
