@@ -62,6 +62,56 @@ def _seq_bounds(CU, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program(DECAY, CU, T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             HAS_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What every kernel's program (sequence x head, V block, K block) starts from: its head, V
+    and K blocks, the sequence's first row and length, its block's channels and masks, the decay
+    rate s (lambda = e^-s; 0 without decay) and the offsets of its [BK, BV] block of a state."""
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
+    i_h = i_nh % H
+    bos, L = _seq_bounds(CU, i_nh // H, T, IS_VARLEN)
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    s = 0.0
+    if HAS_DECAY:
+        s = tl.load(DECAY + i_h).to(tl.float32)
+    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
+    return i_h, i_v, i_k, bos, L, ok, ov, ok < K, ov < V, s, s_off
+
+
+@triton.jit
+def _load_state(S, s_off, mk, mv, PRESENT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's fp32 block of a state (or of its gradient); zeros when none was given."""
+    if PRESENT:
+        b = tl.load(S + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BK, BV], dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def _chunk(i_t, L, BT: tl.constexpr):
+    """Chunk i_t of a sequence of L tokens: its valid token count, its rows (int64) and their mask."""
+    ot = i_t * BT + tl.arange(0, BT)
+    return tl.minimum(L - i_t * BT, BT), ot.to(tl.int64), ot < L
+
+
+@triton.jit
+def _load_tile(base, rows, row_ok, cols, col_ok, width):
+    """A [rows, cols] tile (0 where masked) of a tensor of ``width`` elements per row from ``base`` (the
+    program's first row and head). Loads and stores spell their offsets out at each call: offsets
+    shared between the loads of a chunk lengthened the compiled dK/dV step (SASS count: up to 8%)."""
+    return tl.load(base + rows[:, None] * width + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, row_ok, cols, col_ok, width, x):
+    tl.store(base + rows[:, None] * width + cols[None, :], x, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _chunk_decays(s, n, scale, BT: tl.constexpr, HAS_DECAY: tl.constexpr):
     """For a chunk of n valid tokens: the causal decay mask times the softmax-free scale,
     D[i, j] = scale lambda^(i-j) (i >= j), q-side lambda^(i+1), k-side lambda^(n-1-j) (0 past n) and
@@ -90,42 +140,22 @@ def _fwd_kernel(
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, IS_VARLEN: tl.constexpr,
     STATE_DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    s = 0.0
-    if HAS_DECAY:
-        s = tl.load(DECAY + i_h).to(tl.float32)
-    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
-    if HAS_S0:
-        b_S = tl.load(S0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    else:
-        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    i_h, i_v, i_k, bos, L, ok, ov, mk, mv, s, s_off = _program(DECAY, CU, T, H, K, V, BK, BV, HAS_DECAY, IS_VARLEN)
+    b_S = _load_state(S0, s_off, mk, mv, HAS_S0, BK, BV)
     q_base = Q + (bos * H + i_h) * K
     k_base = Kt + (bos * H + i_h) * K
     v_base = Vt + (bos * H + i_h) * V
     o_base = O + i_k.to(tl.int64) * B * T * H * V + (bos * H + i_h) * V  # NK > 1: fp32 partials
     for i_t in range(0, tl.cdiv(L, BT)):
-        ot = i_t * BT + tl.arange(0, BT)
-        mt = ot < L
-        ot64 = ot.to(tl.int64)
-        n = tl.minimum(L - i_t * BT, BT)
-        b_q = tl.load(q_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        n, ot64, mt = _chunk(i_t, L, BT)
+        b_q = _load_tile(q_base, ot64, mt, ok, mk, H * K)
+        b_k = _load_tile(k_base, ot64, mt, ok, mk, H * K)
+        b_v = _load_tile(v_base, ot64, mt, ov, mv, H * V)
         dmask, qdec, kdec, cdec = _chunk_decays(s, n, scale, BT, HAS_DECAY)
         b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * dmask
         b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
         b_o += tl.dot(b_q.to(STATE_DT), b_S.to(STATE_DT), input_precision=PREC) * (qdec * scale)[:, None]
-        tl.store(o_base + ot64[:, None] * (H * V) + ov[None, :], b_o.to(O.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        _store_tile(o_base, ot64, mt, ov, mv, H * V, b_o.to(O.dtype.element_ty))
         b_kw = (b_k * kdec[:, None]).to(b_k.dtype)
         b_S = b_S * cdec + tl.dot(tl.trans(b_kw), b_v, input_precision=PREC)
     if STORE_ST:
@@ -138,24 +168,11 @@ def _recurrent_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
+    i_h, i_v, i_k, bos, L, ok, ov, mk, mv, s, s_off = _program(DECAY, CU, T, H, K, V, BK, BV, HAS_DECAY, IS_VARLEN)
+    b_S = _load_state(S0, s_off, mk, mv, HAS_S0, BK, BV)
     lam = 1.0
     if HAS_DECAY:
-        lam = tl.exp(-tl.load(DECAY + i_h).to(tl.float32))
-    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
-    if HAS_S0:
-        b_S = tl.load(S0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    else:
-        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+        lam = tl.exp(-s)
     for t in range(0, L):
         row = bos + t
         b_q = tl.load(Q + (row * H + i_h) * K + ok, mask=mk, other=0.0).to(tl.float32)
@@ -177,41 +194,22 @@ def _bwd_dq_kernel(
 ):
     """dq_i = scale (sum_{j<=i} D_ij (dO_i . v_j) k_j + lambda^(i+1) S dO_i), S recomputed forward.
     Writes this V block's fp32 partial into DQ[i_v]."""
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    s = 0.0
-    if HAS_DECAY:
-        s = tl.load(DECAY + i_h).to(tl.float32)
-    if HAS_S0:
-        s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
-        b_S = tl.load(S0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    else:
-        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    i_h, i_v, i_k, bos, L, ok, ov, mk, mv, s, s_off = _program(DECAY, CU, T, H, K, V, BK, BV, HAS_DECAY, IS_VARLEN)
+    b_S = _load_state(S0, s_off, mk, mv, HAS_S0, BK, BV)
     k_base = Kt + (bos * H + i_h) * K
     v_base = Vt + (bos * H + i_h) * V
     do_base = DO + (bos * H + i_h) * V
     dq_base = DQ + i_v.to(tl.int64) * B * T * H * K + (bos * H + i_h) * K
     for i_t in range(0, tl.cdiv(L, BT)):
-        ot = i_t * BT + tl.arange(0, BT)
-        mt = ot < L
-        ot64 = ot.to(tl.int64)
-        n = tl.minimum(L - i_t * BT, BT)
-        b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        b_do = tl.load(do_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        n, ot64, mt = _chunk(i_t, L, BT)
+        b_k = _load_tile(k_base, ot64, mt, ok, mk, H * K)
+        b_v = _load_tile(v_base, ot64, mt, ov, mv, H * V)
+        b_do = _load_tile(do_base, ot64, mt, ov, mv, H * V)
         dmask, qdec, kdec, cdec = _chunk_decays(s, n, scale, BT, HAS_DECAY)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) * dmask
         b_dq = tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
         b_dq += tl.dot(b_do.to(STATE_DT), tl.trans(b_S.to(STATE_DT)), input_precision=PREC) * (qdec * scale)[:, None]
-        tl.store(dq_base + ot64[:, None] * (H * K) + ok[None, :], b_dq, mask=mt[:, None] & mk[None, :])
+        _store_tile(dq_base, ot64, mt, ok, mk, H * K, b_dq)
         b_kw = (b_k * kdec[:, None]).to(b_k.dtype)
         b_S = b_S * cdec + tl.dot(tl.trans(b_kw), b_v, input_precision=PREC)
 
@@ -227,24 +225,8 @@ def _bwd_dkdv_kernel(
     dk_j = scale sum_{i>=j} D_ij (dO_i . v_j) q_i + lambda^(n-1-j) dS v_j   (fp32 partial of this V block)
     dv_j = scale sum_{i>=j} D_ij (q_i . k_j) dO_i + lambda^(n-1-j) dS^T k_j
     dS  <- lambda^n dS + scale sum_i lambda^(i+1) q_i dO_i^T;  after the first chunk, dS = dS0."""
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, L = _seq_bounds(CU, i_n, T, IS_VARLEN)
-    ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    s = 0.0
-    if HAS_DECAY:
-        s = tl.load(DECAY + i_h).to(tl.float32)
-    s_off = i_nh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
-    if HAS_DST:
-        b_dS = tl.load(DST + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    else:
-        b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    i_h, i_v, i_k, bos, L, ok, ov, mk, mv, s, s_off = _program(DECAY, CU, T, H, K, V, BK, BV, HAS_DECAY, IS_VARLEN)
+    b_dS = _load_state(DST, s_off, mk, mv, HAS_DST, BK, BV)
     q_base = Q + (bos * H + i_h) * K
     k_base = Kt + (bos * H + i_h) * K
     v_base = Vt + (bos * H + i_h) * V
@@ -254,25 +236,21 @@ def _bwd_dkdv_kernel(
     NT = tl.cdiv(L, BT)
     for j in range(0, NT):
         i_t = NT - 1 - j
-        ot = i_t * BT + tl.arange(0, BT)
-        mt = ot < L
-        ot64 = ot.to(tl.int64)
-        n = tl.minimum(L - i_t * BT, BT)
-        b_q = tl.load(q_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        b_k = tl.load(k_base + ot64[:, None] * (H * K) + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        b_v = tl.load(v_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        b_do = tl.load(do_base + ot64[:, None] * (H * V) + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        n, ot64, mt = _chunk(i_t, L, BT)
+        b_q = _load_tile(q_base, ot64, mt, ok, mk, H * K)
+        b_k = _load_tile(k_base, ot64, mt, ok, mk, H * K)
+        b_v = _load_tile(v_base, ot64, mt, ov, mv, H * V)
+        b_do = _load_tile(do_base, ot64, mt, ov, mv, H * V)
         dmask, qdec, kdec, cdec = _chunk_decays(s, n, scale, BT, HAS_DECAY)
         dmask_t = tl.trans(dmask)  # [j, i]
         b_at = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * dmask_t
         b_dv = tl.dot(b_at.to(b_do.dtype), b_do, input_precision=PREC)
         b_dv += tl.dot(b_k.to(STATE_DT), b_dS.to(STATE_DT), input_precision=PREC) * kdec[:, None]
-        tl.store(dv_base + ot64[:, None] * (H * V) + ov[None, :], b_dv.to(DV.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        _store_tile(dv_base, ot64, mt, ov, mv, H * V, b_dv.to(DV.dtype.element_ty))
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC) * dmask_t
         b_dk = tl.dot(b_dpt.to(b_q.dtype), b_q, input_precision=PREC)
         b_dk += tl.dot(b_v.to(STATE_DT), tl.trans(b_dS.to(STATE_DT)), input_precision=PREC) * kdec[:, None]
-        tl.store(dk_base + ot64[:, None] * (H * K) + ok[None, :], b_dk, mask=mt[:, None] & mk[None, :])
+        _store_tile(dk_base, ot64, mt, ok, mk, H * K, b_dk)
         b_qw = (b_q * (qdec * scale)[:, None]).to(b_q.dtype)
         b_dS = b_dS * cdec + tl.dot(tl.trans(b_qw), b_do, input_precision=PREC)
     if STORE_DS0:
