@@ -344,6 +344,12 @@ def decode_rows(Tk: int, deadline: common.Deadline) -> List[dict]:
         f"decode Tk={Tk} attention (reused mask)", lambda: hip_sparse_attention(q, k, v, mask.blocks, **geo))))
     rows.append(dict(Tk=Tk, impl="hip_attention_reused_mask", **_measure(
         f"decode Tk={Tk} hip_attention(mask=...)", lambda: subquad.hip_attention(q, k, v, mask=mask, **PARAMS))))
+    # the same step on a head-major [B, H_kv, T, D] cache passed transposed: read in place (kv_in_place)
+    kh, vh = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    rows.append(dict(Tk=Tk, impl="hip_attention_reused_mask_head_major_cache", **_measure(
+        f"decode Tk={Tk} hip_attention(mask=...), head-major cache",
+        lambda: subquad.hip_attention(q, kh, vh, mask=mask, **PARAMS))))
+    del kh, vh
     rows.append(dict(Tk=Tk, impl="hip_fresh_mask", **_measure(
         f"decode Tk={Tk} hip_attention (estimation + attention)", lambda: subquad.hip_attention(q, k, v, **PARAMS))))
     rows.append(dict(Tk=Tk, impl="sdpa", **_measure(f"decode Tk={Tk} SDPA", sdpa_decode_fn(q, k, v))))

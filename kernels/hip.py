@@ -129,17 +129,31 @@ def _q_tile(pid0, GROUP, RPB, bsq, Tq, BM: tl.constexpr):
 
 
 @triton.jit
+def _kv_rows(kv_base, tok, Hkv, hk, skt, D: tl.constexpr, STRIDED: tl.constexpr):
+    """Element offsets of KV positions ``tok`` of KV head hk: kv_base = b Tk for a contiguous
+    [B, Tk, H_kv, D] tensor, else (STRIDED, a cache read in place) b skb + hk skh with the strides
+    in rows of D. The contiguous form is kept as it was: its compiled code does not change."""
+    if STRIDED:
+        rows = (kv_base + tok.to(tl.int64) * skt) * D
+    else:
+        rows = ((kv_base + tok) * Hkv + hk) * D
+    return rows
+
+
+@triton.jit
 def _hip_q_kernel(
-    Q, K, V, O, LSE, DO, DELTA, DQ, BLK,
+    Q, K, V, O, LSE, DO, DELTA, DQ, BLK, skb, skt, skh,
     Tq, Tk, H, GROUP, NQB, Kb, RPB, bsq, bk, S, W, qk_scale, scale, NSPLIT, n_stat,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
-    SPLIT: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, KV_STRIDED: tl.constexpr = False,
 ):
     """Forward (BWD=False: writes O, LSE) or dQ (BWD=True: writes DQ) of one query tile of one head.
     SPLIT (forward only): program axis 0 also runs over NSPLIT parts of the tile walk (gathered
     tiles then local tiles, as one sequence cut into NSPLIT runs); each part writes its normalised
     o (fp32) and lse to part s of O [NSPLIT, n_stat, D] / LSE [NSPLIT, n_stat] for
-    ``_hip_combine_kernel``."""
+    ``_hip_combine_kernel``. KV_STRIDED: K and V are read through the strides (batch, token, head)
+    they share, ``skb, skt, skh``, in rows of D elements (``kv_in_place``); offsets stay multiples
+    of D, so the compiler still vectorises the row loads."""
     pid_bk = tl.program_id(1)
     Hkv = H // GROUP
     b = pid_bk // Hkv
@@ -177,6 +191,8 @@ def _hip_q_kernel(
     stat_rows = (b.to(tl.int64) * Tq + rows) * H + h
     q_rows = stat_rows * D
     kv_base = b.to(tl.int64) * Tk
+    if KV_STRIDED:
+        kv_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     blkrow = BLK + ((b.to(tl.int64) * H + h) * NQB + qb) * Kb
     q, do, lse, delta, acc, m_i, l_i = q_walk_init(Q, O, DO, LSE, DELTA, q_rows, stat_rows, q_ok, offs_d, d_ok,
                                                    scale, BM, BD, BWD)
@@ -184,7 +200,7 @@ def _hip_q_kernel(
     # (1) sinks + selected blocks, gathered BN positions at a time; every key precedes the block
     for start in range(g_lo, g_hi, BN):
         tok, ok = _gathered(blkrow, start + tl.arange(0, BN), sink_end, n_gather, S, E, bk)
-        k_rows = ((kv_base + tok) * Hkv + hk) * D
+        k_rows = _kv_rows(kv_base, tok, Hkv, hk, skt, D, KV_STRIDED)
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
@@ -195,7 +211,7 @@ def _hip_q_kernel(
     for start in range(l_lo, l_hi, BN):
         cols = start + tl.arange(0, BN)
         ok = cols <= p_hi
-        k_rows = ((kv_base + cols) * Hkv + hk) * D
+        k_rows = _kv_rows(kv_base, cols, Hkv, hk, skt, D, KV_STRIDED)
         kt = load_rows(K, k_rows, ok, offs_d, d_ok)
         vt = load_rows(V, k_rows, ok, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC)
@@ -395,23 +411,47 @@ def num_splits(q, k, blocks, geom, bn: int, programs: int) -> int:
     return max(1, min(cdiv(_sm_count(q.device), programs), tiles // 2))
 
 
+def kv_in_place(k, v):
+    """(k, v, their (batch, token, head) strides in rows of D elements) as the kernels read them: in
+    place when their channels are contiguous and they share strides that are multiples of D (a
+    slice ``cache[:, :Tk]`` of a preallocated cache, a ``[B, H_kv, T, D]`` cache transposed, K/V
+    sliced from a fused qkv projection), so that a decoding step does not copy the whole cache;
+    else contiguous copies."""
+    if not _rows_of_d(k) or v.stride() != k.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return k, v, row_strides(k)
+
+
+def _rows_of_d(x) -> bool:
+    """x [B, T, H, D] has contiguous channels and its other strides are whole rows of D."""
+    return x.stride(3) == 1 and all(s % x.shape[3] == 0 for s in x.stride()[:3])
+
+
+def row_strides(x) -> tuple:
+    """The (batch, token, head) strides of x [B, T, H, D] in rows of D elements (see _rows_of_d)."""
+    return tuple(s // x.shape[3] for s in x.stride()[:3])
+
+
 def _launch_q(cfg, q, k, v, o, lse, do, delta, dq, blocks, geom, scale, bwd, nsplit=1):
-    """One launch of ``_hip_q_kernel``; forward with nsplit > 1: o / lse are the fp32 part buffers
-    [nsplit, B, Tq, H(, D)]."""
+    """One launch of ``_hip_q_kernel`` (k, v from ``kv_in_place``); forward with nsplit > 1: o /
+    lse are the fp32 part buffers [nsplit, B, Tq, H(, D)]."""
     bsq, bk, S, W = geom
     Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
     bm, rpb, grid = _q_grid(cfg, q, k, bsq)
     D = q.shape[-1]
     n_stat = q.shape[0] * Tq * H
     return _hip_q_kernel[(grid[0] * nsplit, grid[1])](
-        q, k, v, o, lse, do, delta, dq, blocks, Tq, Tk, H, group, nqb, kb, rpb, bsq, bk, S, W, scale * LOG2E, scale,
-        nsplit, n_stat, D=D, BD=pow2(D), BM=bm, BN=cfg.kw["BN"], BWD=bwd, PREC=precision(q.dtype), SPLIT=nsplit > 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q, k, v, o, lse, do, delta, dq, blocks, *row_strides(k), Tq, Tk, H, group, nqb, kb, rpb, bsq, bk, S, W,
+        scale * LOG2E, scale, nsplit, n_stat, D=D, BD=pow2(D), BM=bm, BN=cfg.kw["BN"], BWD=bwd,
+        PREC=precision(q.dtype), SPLIT=nsplit > 1, KV_STRIDED=not k.is_contiguous(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def hip_fwd(q, k, v, blocks, geom, scale):
-    """q [B, Tq, H, D], k/v [B, Tk, H_kv, D], blocks int32 [B, H, NQB, Kb], all contiguous;
-    geom = (block_size_q, block_size_k, sink_tokens, window) -> (o, lse [B, Tq, H] fp32, log2)."""
+    """q [B, Tq, H, D] and blocks int32 [B, H, NQB, Kb] contiguous, k/v [B, Tk, H_kv, D] (see
+    ``kv_in_place``); geom = (block_size_q, block_size_k, sink_tokens, window) -> (o, lse [B, Tq, H]
+    fp32, log2)."""
+    k, v, _ = kv_in_place(k, v)
     o = empty(q.shape, q.dtype, q.device)
     lse = empty(q.shape[:3], torch.float32, q.device)
     B, Tq, H, D = q.shape
@@ -437,7 +477,9 @@ def hip_fwd(q, k, v, blocks, geom, scale):
 
 
 def hip_bwd(q, k, v, o, lse, do, blocks, geom, scale):
-    """(dq, dk, dv) for the saved forward; blocks held fixed."""
+    """(dq, dk, dv) for the saved forward; blocks held fixed. The dK/dV kernels index k, v and their
+    gradients alike: they read contiguous copies of a strided cache."""
+    k, v = k.contiguous(), v.contiguous()
     bsq, bk, S, W = geom
     Tq, Tk, H, group, nqb, kb = _geom(q, k, blocks)
     B, D, Hkv = q.shape[0], q.shape[-1], k.shape[2]
@@ -507,8 +549,8 @@ def hip_sparse_attention(q, k, v, blocks, *, block_size_q, block_size_k, sink_to
     bsq, _, sink_tokens, window = _ref.clip_params(Tq, Tk, block_size_q=block_size_q, sink_tokens=sink_tokens,
                                                    window=window)  # the same keys, positions within int32
     geom = (int(bsq), int(block_size_k), int(sink_tokens), int(window))
-    return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), HIP, blocks.contiguous(), geom,
-                                  scale)
+    # k, v as they lie: the forward reads a strided cache in place (kv_in_place)
+    return block_sparse_attention(q.contiguous(), k, v, HIP, blocks.contiguous(), geom, scale)
 
 
 HIP = register_family(Family(
@@ -528,8 +570,8 @@ def compile_specs(dtype: str, K: int, V: int):
     prec = precision(getattr(torch, dtype))
     buckets = [(dtype, K, False), (dtype, K, True)]
     q_ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "RPB", "bsq", "bk", "S", "W"]}
-    q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", **q_ints, qk_scale="fp32",
-                 scale="fp32", NSPLIT="i32", n_stat="i32")
+    q_sig = dict(Q=x, K=x, V=x, O=x, LSE=f32, DO=x, DELTA=f32, DQ=x, BLK="*i32", skb="i32", skt="i32", skh="i32",
+                 **q_ints, qk_scale="fp32", scale="fp32", NSPLIT="i32", n_stat="i32")
     yield (spaces.HIP_FWD, _hip_q_kernel, q_sig,
            lambda c: dict(D=K, BD=pow2(K), BM=c.kw["BM"], BN=c.kw["BN"], BWD=False, PREC=prec), buckets[:1],
            lambda c: ["GROUP"])
@@ -616,12 +658,13 @@ SCRATCH_BYTES = 64 << 20  # per launch; more query blocks run in further launche
 
 @triton.jit
 def _hip_select_kernel(
-    Q, K, BLK, SEL, CS, CST,
+    Q, K, BLK, SEL, CS, CST, skb, skt, skh,
     Tq, Tk, H, GROUP, NQB, Kb, bq, bk, qstride, S, W, qb0,
     D: tl.constexpr, BD: tl.constexpr, NQS: tl.constexpr, BK: tl.constexpr, KBP: tl.constexpr,
-    CH: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr,
+    CH: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr, KV_STRIDED: tl.constexpr = False,
 ):
-    """Selection row of query block ``qb0 + program_id(0)`` for (batch, head) ``program_id(1)``."""
+    """Selection row of query block ``qb0 + program_id(0)`` for (batch, head) ``program_id(1)``; K
+    contiguous, or (KV_STRIDED) read through its strides ``skb, skt, skh`` in rows of D elements."""
     NR: tl.constexpr = 2 * CH * BK
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -651,6 +694,10 @@ def _hip_select_kernel(
         if DC == BD:
             q = load_rows(Q, q_rows, q_ok, offs_d, d_ok)  # [NQS, BD], held for the whole search
         k_head = b.to(tl.int64) * Tk * Hkv + hk
+        k_tstride = Hkv
+        if KV_STRIDED:
+            k_head = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+            k_tstride = skt
         # rounds until every kept node is one block: ceil(log2(ceil(NB / Kb)))
         gmax = (NB + Kb - 1) // Kb
         rounds = gmax * 0
@@ -683,7 +730,7 @@ def _hip_select_kernel(
                 ok2 = cvalid[:, None] & (u[None, :] < bk) & (tok2 < E)
                 tok = tl.reshape(tl.where(ok2, tok2, -1), (NR,))  # (a reshaped bool goes through local memory)
                 k_ok = tok >= 0
-                k_rows = (k_head + tok.to(tl.int64) * Hkv) * D
+                k_rows = (k_head + tok.to(tl.int64) * k_tstride) * D
                 if DC == BD:
                     kt = load_rows(K, k_rows, k_ok, offs_d, d_ok)  # [NR, BD]
                     sc = tl.dot(q, tl.trans(kt), input_precision=PREC)  # [NQS, NR]
@@ -767,7 +814,8 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
     block_size_q, query_stride, sink_tokens, window = _ref.clip_params(
         Tq, Tk, block_size_q=block_size_q, query_stride=query_stride, sink_tokens=sink_tokens, window=window)
     q = q.contiguous()
-    k = k.contiguous()
+    if not _rows_of_d(k):  # other layouts are read in place (see kv_in_place)
+        k = k.contiguous()
     kb = cdiv(topk, block_size_k)
     nqb = cdiv(Tq, block_size_q)
     blocks = torch.empty((B, H, nqb, kb), dtype=torch.int32, device=q.device)
@@ -787,8 +835,9 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
         meta = select_meta(D, topk, block_size_q, block_size_k, query_stride, cfg.kw["NR"], q.dtype == torch.float32)
         n = min(wave, nqb - qb0) if n is None else n
         return _hip_select_kernel[(n, B * H)](
-            q, k, blocks, sel, cs, cst, Tq, Tk, H, H // Hkv, nqb, kb, block_size_q, block_size_k, query_stride,
-            sink_tokens, window, qb0, PREC=prec, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            q, k, blocks, sel, cs, cst, *row_strides(k), Tq, Tk, H, H // Hkv, nqb, kb, block_size_q, block_size_k, query_stride,
+            sink_tokens, window, qb0, PREC=prec, **meta, KV_STRIDED=not k.is_contiguous(), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
 
     cfg = spaces.HIP_SELECT.choose(_select_bucket(q, meta0, nqb), q.device,
                                    lambda c: bench_launch(lambda: launch(c, max(0, nqb - wave))))
@@ -818,7 +867,7 @@ def _select_compile_specs(dtype: str, K: int, V: int):
     tdt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     x = f"*{tdt}"
     ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "bq", "bk", "qstride", "S", "W", "qb0"]}
-    sig = dict(Q=x, K=x, BLK="*i32", SEL="*i32", CS="*i64", CST="*i32", **ints)
+    sig = dict(Q=x, K=x, BLK="*i32", SEL="*i32", CS="*i64", CST="*i32", skb="i32", skt="i32", skh="i32", **ints)
     prec = precision(getattr(torch, dtype), follow_torch=False)
     for bq, decoding in ((64, False), (1, True)):
         probe = select_meta(K, 512, bq, 2, 2, 128)

@@ -253,3 +253,40 @@ def test_every_config(tuner, cfg, monkeypatch):
 ], ids=lambda c: "x".join(map(str, c)))
 def test_kernel_large(case, dtype):
     _check(*case, dtype, fill=0.9)
+
+
+@pytest.mark.parametrize("Tq", [1, 40])
+@pytest.mark.parametrize("layout", ["cache-slice", "head-major"])
+def test_kv_cache_layouts_read_in_place(layout, Tq):
+    """K/V as a serving loop holds them: the filled part ``cache[:, :Tk]`` of a preallocated
+    ``[B, T_max, H_kv, D]`` cache, or a ``[B, H_kv, T, D]`` cache transposed. The selection and the
+    forward read them in place (a decoding step must not copy the whole cache) and give exactly what
+    their contiguous copies give; the gradients reach the cache."""
+    import subquad
+    from subquad.kernels.hip import kv_in_place
+
+    B, Tk, H, Hkv, D = 2, 90, 4, 2, 16
+    if layout == "cache-slice":
+        kc, vc = (randn(B, 128, Hkv, D, seed=s, requires_grad=True) for s in (2, 3))
+        view = lambda c: c[:, :Tk]  # noqa: E731
+    else:
+        kc, vc = (randn(B, Hkv, Tk, D, seed=s, requires_grad=True) for s in (2, 3))
+        view = lambda c: c.transpose(1, 2)  # noqa: E731
+    k, v = view(kc), view(vc)
+    assert not k.is_contiguous()
+    kin, vin, _ = kv_in_place(k, v)
+    assert kin.data_ptr() == k.data_ptr() and vin.data_ptr() == v.data_ptr()
+    q = randn(B, Tq, H, D, seed=1, requires_grad=True)
+    do = randn(B, Tq, H, D, seed=4)
+    kw = dict(topk=16, block_size_q=16, block_size_k=2, query_stride=2, sink_tokens=4, window=8)
+    got, mask = subquad.hip_attention(q, k, v, backend="triton", return_mask=True, **kw)
+    k2, v2 = (x.detach().contiguous().requires_grad_() for x in (k, v))
+    want, mask2 = subquad.hip_attention(q, k2, v2, backend="triton", return_mask=True, **kw)
+    assert torch.equal(mask.blocks, mask2.blocks) and torch.equal(got, want)
+    low = subquad.hip_attention(q.detach(), k.detach(), v.detach(), backend="reference", mask=mask, **kw)
+    torch.testing.assert_close(got, low, rtol=1e-4, atol=1e-5)
+    dq, dkc, dvc = torch.autograd.grad((got * do).sum(), (q, kc, vc))
+    dq2, dk2, dv2 = torch.autograd.grad((want * do).sum(), (q, k2, v2))
+    assert torch.equal(dq, dq2) and torch.equal(view(dkc), dk2) and torch.equal(view(dvc), dv2)
+    if layout == "cache-slice":
+        assert not dkc[:, Tk:].any() and not dvc[:, Tk:].any()
