@@ -58,7 +58,8 @@ def empty(shape, dtype, device) -> torch.Tensor:
 def aligned(x: torch.Tensor) -> torch.Tensor:
     """``x`` contiguous and starting on a 16-byte boundary. ``.contiguous()`` keeps a contiguous view
     at any storage offset (a slice of a packed buffer); a TMA descriptor's base must be 16-byte
-    aligned, so such a view is copied (a fresh allocation is aligned)."""
+    aligned, so such a view is copied (a fresh allocation is aligned). Called in the launchers,
+    which see real tensors also under torch.compile (there a traced op has no data pointer)."""
     x = x.contiguous()
     return x if x.data_ptr() % 16 == 0 else x.clone()
 

@@ -583,6 +583,10 @@ def compile_specs(dtype: str, K: int, V: int):
     yield (spaces.HIP_FWD, _hip_q_kernel, split_sig,
            lambda c: dict(D=K, BD=pow2(K), BM=16, BN=c.kw["BN"], BWD=False, PREC=prec, SPLIT=True),
            [(dtype, K, True)], lambda c: ["GROUP", "Tq"])
+    # the same on a KV cache read in place (kv_in_place: a cache's slice, a head-major cache)
+    yield (spaces.HIP_FWD, _hip_q_kernel, split_sig,
+           lambda c: dict(D=K, BD=pow2(K), BM=16, BN=c.kw["BN"], BWD=False, PREC=prec, SPLIT=True, KV_STRIDED=True),
+           [(dtype, K, True)], lambda c: ["GROUP", "Tq"])
     yield (spaces.HIP_COMBINE, _hip_combine_kernel, dict(OP=f32, LP=f32, O=x, LSE=f32, n_stat="i32", NSPLIT="i32"),
            lambda c: dict(D=K, BD=pow2(K), BR=c.kw["BR"]), [(dtype, K, True)])
     g_sig = dict(Q=x, K=x, V=x, LSE=f32, DO=x, DELTA=f32, DK32=f32, DV32=f32, BLK="*i32", **q_ints,
@@ -869,8 +873,9 @@ def _select_compile_specs(dtype: str, K: int, V: int):
     ints = {n: "i32" for n in ["Tq", "Tk", "H", "GROUP", "NQB", "Kb", "bq", "bk", "qstride", "S", "W", "qb0"]}
     sig = dict(Q=x, K=x, BLK="*i32", SEL="*i32", CS="*i64", CST="*i32", skb="i32", skt="i32", skh="i32", **ints)
     prec = precision(getattr(torch, dtype), follow_torch=False)
-    for bq, decoding in ((64, False), (1, True)):
+    for bq, decoding, strided in ((64, False, False), (1, True, False), (1, True, True)):  # strided: kv_in_place
         probe = select_meta(K, 512, bq, 2, 2, 128)
         yield (spaces.HIP_SELECT, _hip_select_kernel, sig,
-               lambda c, bq=bq: dict(PREC=prec, **select_meta(K, 512, bq, 2, 2, c.kw["NR"], dtype == "float32")),
+               lambda c, bq=bq, strided=strided: dict(PREC=prec, KV_STRIDED=strided,
+                                                      **select_meta(K, 512, bq, 2, 2, c.kw["NR"], dtype == "float32")),
                [(dtype, K, probe["KBP"], probe["BK"], probe["NQS"], decoding)])

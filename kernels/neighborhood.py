@@ -26,7 +26,7 @@ import triton.language as tl
 from ..autotune import bench_launch, spaces
 from .block_sparse import (LOG2E, Family, bwd_delta_buffer, dkdv_update, load_rows, precision, q_walk_init, q_walk_step,
                            q_walk_store, register_family)
-from .common import cdiv, descriptor_scratch, dtype_key, empty, pow2, wide
+from .common import aligned, cdiv, descriptor_scratch, dtype_key, empty, pow2, wide
 
 __all__ = ["NEIGHBORHOOD", "na_fwd", "na_bwd", "tuner_bucket", "compile_specs"]
 
@@ -400,6 +400,7 @@ def _launch_q(cfg, geom, scale, q, k, v, o, lse, do, delta, dq, bwd):
 def na_fwd(q, k, v, geom, rank, scale):
     """q [B, n0, n1, n2, H, D], k/v [B, n0, n1, n2, H_kv, D] contiguous -> (o, lse [B, H, N] fp32:
     head-major, so that a query tile's values are contiguous for dK/dV's per-step loads)."""
+    k, v = aligned(k), aligned(v)  # the TMA configs' descriptors need a 16-byte aligned base
     n = geom[0]
     o = empty(q.shape, q.dtype, q.device)
     lse = empty((q.shape[0], q.shape[-2], n[0] * n[1] * n[2]), torch.float32, q.device)
@@ -413,6 +414,7 @@ def na_fwd(q, k, v, geom, rank, scale):
 
 
 def na_bwd(q, k, v, o, lse, do, geom, rank, scale):
+    k, v = aligned(k), aligned(v)  # as in na_fwd (the dQ walk's TMA configs); dk, dv are fresh
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
     n = geom[0]

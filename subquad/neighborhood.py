@@ -106,7 +106,6 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
         return empty_output(q.shape, q.dtype, q, k, v)
     if backend == "triton":
         from .kernels.block_sparse import block_sparse_attention
-        from .kernels.common import aligned
         from .kernels.neighborhood import NEIGHBORHOOD
 
         nd = len(spatial)
@@ -121,10 +120,9 @@ def _neighborhood(q, k, v, kernel_size, stride, dilation, is_causal, scale, back
         if math.prod(ds) > 65535:
             raise ValueError(f"dilation: the product of dilations {ds} exceeds the Triton kernel's limit of 65535")
         # geom: (n, kernel_size, stride, dilation, is_causal) as 3-tuples over the 3-D layout
-        # aligned: the TMA configs read K/V through descriptors, whose base must be 16-byte aligned
         o = block_sparse_attention(
-            aligned(q.reshape(B, *n3, H, D)), aligned(k.reshape(B, *n3, Hkv, D)),
-            aligned(v.reshape(B, *n3, Hkv, D)), NEIGHBORHOOD, geom, nd, scale)
+            q.reshape(B, *n3, H, D).contiguous(), k.reshape(B, *n3, Hkv, D).contiguous(),
+            v.reshape(B, *n3, Hkv, D).contiguous(), NEIGHBORHOOD, geom, nd, scale)
         return o.reshape(q.shape)
     return _ref.neighborhood_attention(q, k, v, ks, ss, ds, cs, scale)
 
