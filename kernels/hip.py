@@ -412,14 +412,13 @@ def num_splits(q, k, blocks, geom, bn: int, programs: int) -> int:
 
 
 def kv_in_place(k, v):
-    """(k, v, their (batch, token, head) strides in rows of D elements) as the kernels read them: in
-    place when their channels are contiguous and they share strides that are multiples of D (a
-    slice ``cache[:, :Tk]`` of a preallocated cache, a ``[B, H_kv, T, D]`` cache transposed, K/V
-    sliced from a fused qkv projection), so that a decoding step does not copy the whole cache;
-    else contiguous copies."""
+    """(k, v) as the kernels read them (through ``row_strides``): in place when their channels are
+    contiguous and they share strides that are multiples of D (a slice ``cache[:, :Tk]`` of a
+    preallocated cache, a ``[B, H_kv, T, D]`` cache transposed, K/V sliced from a fused qkv
+    projection), so that a decoding step does not copy the whole cache; else contiguous copies."""
     if not _rows_of_d(k) or v.stride() != k.stride():
         k, v = k.contiguous(), v.contiguous()
-    return k, v, row_strides(k)
+    return k, v
 
 
 def _rows_of_d(x) -> bool:
@@ -451,7 +450,7 @@ def hip_fwd(q, k, v, blocks, geom, scale):
     """q [B, Tq, H, D] and blocks int32 [B, H, NQB, Kb] contiguous, k/v [B, Tk, H_kv, D] (see
     ``kv_in_place``); geom = (block_size_q, block_size_k, sink_tokens, window) -> (o, lse [B, Tq, H]
     fp32, log2)."""
-    k, v, _ = kv_in_place(k, v)
+    k, v = kv_in_place(k, v)
     o = empty(q.shape, q.dtype, q.device)
     lse = empty(q.shape[:3], torch.float32, q.device)
     B, Tq, H, D = q.shape
@@ -839,9 +838,9 @@ def hip_select_blocks(q, k, *, topk, block_size_q, block_size_k, query_stride, s
         meta = select_meta(D, topk, block_size_q, block_size_k, query_stride, cfg.kw["NR"], q.dtype == torch.float32)
         n = min(wave, nqb - qb0) if n is None else n
         return _hip_select_kernel[(n, B * H)](
-            q, k, blocks, sel, cs, cst, *row_strides(k), Tq, Tk, H, H // Hkv, nqb, kb, block_size_q, block_size_k, query_stride,
-            sink_tokens, window, qb0, PREC=prec, **meta, KV_STRIDED=not k.is_contiguous(), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            q, k, blocks, sel, cs, cst, *row_strides(k), Tq, Tk, H, H // Hkv, nqb, kb, block_size_q, block_size_k,
+            query_stride, sink_tokens, window, qb0, PREC=prec, **meta, KV_STRIDED=not k.is_contiguous(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = spaces.HIP_SELECT.choose(_select_bucket(q, meta0, nqb), q.device,
                                    lambda c: bench_launch(lambda: launch(c, max(0, nqb - wave))))

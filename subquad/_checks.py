@@ -167,11 +167,16 @@ def check_scale(scale, positive: bool = False, name: str = "scale"):
     return scale
 
 
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> Triton for CUDA tensors, the reference otherwise. 'triton' on CPU tensors runs only
     under TRITON_INTERPRET=1."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         return "triton" if x.is_cuda else "reference"
     if backend == "triton" and not x.is_cuda and not interpreting():

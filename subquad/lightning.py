@@ -8,13 +8,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import (capturing, check_dim, check_int, check_same, check_scale, check_tensor, public_op, resolve_backend,
-                      tensor_version)
+from ._checks import (capturing, check_dim, check_int, check_same, check_scale, check_tensor, public_op,
+                      resolve_backend, tensor_version)
 from .reference import lightning as _ref
 from .reference.common import empty_output
 
 __all__ = ["lightning_attention", "lightning_slopes"]
-
 
 
 def lightning_slopes(num_heads: int) -> torch.Tensor:

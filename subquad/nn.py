@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import BACKENDS, check_int, check_scale
+from ._checks import check_backend, check_int, check_scale
 from .routing import bilevel_routing_attention, check_region_args
 
 __all__ = ["BiLevelRoutingAttention"]
@@ -67,8 +67,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"side_dwconv must be 0 or an odd kernel size, got {side_dwconv}")
         # what does not depend on the input size is checked here, not at the first forward
         _, topk = check_region_args((1 << 62, 1 << 62), num_regions, topk)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.dim, self.num_heads, self.topk = dim, num_heads, topk
         self.num_regions = num_regions
         self.head_dim = dim // num_heads

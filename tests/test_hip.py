@@ -274,7 +274,7 @@ def test_kv_cache_layouts_read_in_place(layout, Tq):
         view = lambda c: c.transpose(1, 2)  # noqa: E731
     k, v = view(kc), view(vc)
     assert not k.is_contiguous()
-    kin, vin, _ = kv_in_place(k, v)
+    kin, vin = kv_in_place(k, v)
     assert kin.data_ptr() == k.data_ptr() and vin.data_ptr() == v.data_ptr()
     q = randn(B, Tq, H, D, seed=1, requires_grad=True)
     do = randn(B, Tq, H, D, seed=4)
