@@ -23,7 +23,10 @@ def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     gradient overflows long before the kernel's fp32 one does. Exact: ``x + (r - x) == r``."""
     if dtype == x.dtype:
         return x
-    return x + (x.to(dtype).to(x.dtype) - x).detach()
+    r = x.to(dtype).to(x.dtype)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return r  # the same values, without two more passes over x
+    return x + (r - x).detach()
 
 
 _SAVED = object()  # marks where a saved tensor goes back into the other arguments
@@ -44,33 +47,65 @@ def saved_with_rest(ctx):
     return saved[:ctx.n_lead], [next(more) if x is _SAVED else x for x in ctx.rest]
 
 
-class _Recomputed(torch.autograd.Function):
+def _gather(xs, dims, idx):
+    return [x.index_select(d, i) for x, d, i in zip(xs, dims, idx)]
+
+
+class _GatheredChunks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, q, k, v, *rest):
-        ctx.fn = fn
-        save_with_rest(ctx, (q, k, v), rest)
+    def forward(ctx, body, chunk, n_chunks, dims, cat_dim, *xs):
+        ctx.body, ctx.chunk, ctx.n_chunks, ctx.dims, ctx.cat_dim = body, chunk, n_chunks, dims, cat_dim
+        ctx.save_for_backward(*xs)
+        outs = []
         with torch.no_grad():
-            return fn(q, k, v, *rest)
+            for c in range(n_chunks):
+                idx, rest = chunk(c)
+                outs.append(body(*_gather(xs, dims, idx), *rest))
+        ctx.sizes = [o.shape[cat_dim] for o in outs]
+        return torch.cat(outs, cat_dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (q, k, v), rest = saved_with_rest(ctx)
-        wanted = ctx.needs_input_grad[1:4]
+        xs = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[5:]
         # Under backward(create_graph=True) the gradients must carry history (a double backward):
-        # recompute from the saved inputs themselves, through one view per role (q and k may be one
-        # tensor); otherwise from detached copies.
+        # gather from the saved inputs themselves and accumulate out of place; otherwise from
+        # detached inputs into one buffer per input, so a chunk costs its own size, not the inputs'.
         create = torch.is_grad_enabled()
-        with torch.enable_grad():
-            xs = [x.view_as(x) if create else x.detach().requires_grad_(bool(r)) for x, r in zip((q, k, v), wanted)]
-            o = ctx.fn(*xs, *rest)
-            need = [x for x, r in zip(xs, wanted) if r]
-            got = iter(torch.autograd.grad(o, need, grad_out, create_graph=create) if need else ())
-        return (None, *[next(got) if r else None for r in wanted]) + (None,) * len(rest)
+        grads = [torch.zeros_like(x) if w else None for x, w in zip(xs, wanted)]
+        for c, g_out in enumerate(grad_out.split(ctx.sizes, ctx.cat_dim)):
+            idx, rest = ctx.chunk(c)
+            with torch.enable_grad():
+                parts = _gather(xs if create else [x.detach() for x in xs], ctx.dims, idx)
+                if not create:
+                    parts = [p.requires_grad_(bool(w)) for p, w in zip(parts, wanted)]
+                o = ctx.body(*parts, *rest)
+                need = [p for p, w in zip(parts, wanted) if w]
+                got = iter(torch.autograd.grad(o, need, g_out, create_graph=create) if need else ())
+            for j, (d, i) in enumerate(zip(ctx.dims, idx)):
+                if wanted[j]:
+                    g = next(got)
+                    grads[j] = grads[j].index_add(d, i, g) if create else grads[j].index_add_(d, i, g)
+        return (None,) * 5 + tuple(grads)
 
 
-def recomputed(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest):
-    """``fn(q, k, v, *rest)``, differentiable in q, k, v, with its activations recomputed in the
-    backward pass (activation checkpointing without torch.utils.checkpoint, whose first use imports
-    torch._dynamo: ~3 s), so a chunked reference keeps nothing of a chunk's gathered size between
-    the passes. ``rest`` (index tables, masks, scalars) is not differentiable. Twice differentiable."""
-    return _Recomputed.apply(fn, q, k, v, *rest)
+def gathered_chunks(body: Callable, xs, dims, n_chunks: int, chunk: Callable, cat_dim: int) -> torch.Tensor:
+    """``cat([body(*gathered_c, *rest_c) for c in range(n_chunks)], cat_dim)`` where
+    ``(idx_c, rest_c) = chunk(c)`` and ``gathered_c[j] = xs[j].index_select(dims[j], idx_c[j])``:
+    the chunked CPU paths, differentiable in ``xs`` (``rest``: index tables, masks, scalars).
+
+    With gradients and more than one chunk, each chunk is recomputed in the backward pass
+    (activation checkpointing without torch.utils.checkpoint, whose first use imports
+    torch._dynamo: ~3 s), so nothing of a chunk's gathered size is kept between the passes; its
+    gradients are taken w.r.t. the gathered rows and added into one buffer per input, so the
+    backward costs the chunks' sizes, not the inputs' size per chunk (a chunk differentiated
+    w.r.t. a whole input zero-fills a full-size gradient: quadratic in the input length).
+    ``chunk(c)`` runs again in the backward. Twice differentiable."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+    if grad and n_chunks > 1:
+        return _GatheredChunks.apply(body, chunk, n_chunks, tuple(dims), cat_dim, *xs)
+    outs = []
+    for c in range(n_chunks):
+        idx, rest = chunk(c)
+        outs.append(body(*_gather(xs, dims, idx), *rest))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, cat_dim)

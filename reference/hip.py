@@ -58,7 +58,7 @@ from typing import Optional
 
 import torch
 
-from .common import rounded
+from .common import gathered_chunks, rounded
 
 Tensor = torch.Tensor
 
@@ -174,7 +174,7 @@ def select_blocks(q: Tensor, k: Tensor, *, topk: int, block_size_q: int, block_s
                 tok = S + rep[..., None] * bk + u  # [B, H, 2Kb, bk] tokens of the representative blocks
                 tok_ok = (tok < E) & c_valid[..., None]
                 rows = row0[:, :, None] + tok.clamp(max=Tk - 1).reshape(B, H, -1) * Hkv
-                keys = kflat[rows].to(cdt)  # [B, H, 2Kb bk, D]
+                keys = kflat.index_select(0, rows.reshape(-1)).reshape(*rows.shape, D).to(cdt)  # [B, H, 2Kb bk, D]
                 sc = torch.matmul(qs, keys.transpose(-1, -2)).amax(2)  # max over the strided queries
                 sc = sc.reshape(B, H, 2 * Kb, bk).masked_fill(~tok_ok, float("-inf")).amax(-1)
                 # rank: valid children first, then score descending, ties by position (stable sorts)
@@ -244,6 +244,20 @@ def hip_attention_naive(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, bloc
     return _softmax_av(s, vis, v64).permute(0, 2, 1, 3)
 
 
+def _chunk(qq: Tensor, kk: Tensor, vv: Tensor, ok: Tensor, scale: float, sdt: torch.dtype,
+           out_dtype: torch.dtype) -> Tensor:
+    """Attention of n query blocks from their gathered rows: qq ``[B, n bq, H, D]``, kk / vv
+    ``[B H n L, D]`` (input dtype); ok ``[B, H, n, bq, L]``: which key each query sees. Returns
+    ``[B, H, n bq, D]`` in the compute dtype ``sdt``."""
+    B, H, n, bq, L = ok.shape
+    qq = qq.reshape(B, n, bq, H, -1).permute(0, 3, 1, 2, 4)
+    kk = kk.reshape(B, H, n, L, -1).to(sdt)
+    vv = vv.reshape(B, H, n, L, -1).to(sdt)
+    s = torch.matmul(qq.to(sdt), kk.transpose(-1, -2)) * scale  # [B, H, n, bq, L]
+    o = _softmax_av(s, ok, vv, None if out_dtype == sdt else out_dtype)
+    return o.reshape(B, H, n * bq, -1)
+
+
 def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, block_size_q: int,
                             block_size_k: int, sink_tokens: int, window: int, scale: Optional[float] = None,
                             max_elems: int = 1 << 23) -> Tensor:
@@ -254,7 +268,8 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
     cut where it meets the sinks so no key counts twice), then masks per query (causal; selected
     tokens inside the search range). Never builds a ``[Tq, Tk]`` tensor: work and memory are
     ``O(Tq (S + Kb bk + W + bq) D)``, independent of Tk (decoding at any cache length). Query
-    blocks are processed in chunks of at most ``max_elems`` score entries. Rounding as a kernel
+    blocks are processed in chunks of at most ``max_elems`` score entries; with gradients and more
+    than one chunk, each chunk is recomputed in the backward pass, so only the output is kept. Rounding as a kernel
     does: scores, softmax and ``p @ v`` in float32 (float64 for float64 inputs), P rounded to the
     input dtype before ``p @ v`` for 16-bit inputs. Differentiable in q, k, v. ``blocks`` is
     read as :func:`canonical_blocks` reads it (a repeated block counts once).
@@ -277,14 +292,14 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
     L = S + Kb * bk + Lloc
     u = torch.arange(bk, device=dev)
     chunk = max(1, max_elems // max(1, B * H * bq * max(L, D)))
-    outs = []
-    for c0 in range(0, NQB, chunk):
-        qbs = torch.arange(c0, min(c0 + chunk, NQB), device=dev)
+
+    def chunk_of(c: int):
+        qbs = torch.arange(c * chunk, min((c + 1) * chunk, NQB), device=dev)
         n = qbs.numel()
         E = search_end(Tq, Tk, qbs, block_size_q=bq, window=W)  # [n]
         sink_t = torch.arange(S, device=dev).expand(n, S)
         loc_t = torch.maximum(E, torch.full_like(E, S))[:, None] + torch.arange(Lloc, device=dev)  # [n, Lloc]
-        b = blk[:, :, c0:c0 + n]  # [B, H, n, Kb]
+        b = blk[:, :, c * chunk:c * chunk + n]  # [B, H, n, Kb]
         sel_t = (S + b[..., None] * bk + u).reshape(B, H, n, Kb * bk)
         sel_ok = ((b >= 0)[..., None].expand(B, H, n, Kb, bk).reshape(B, H, n, Kb * bk)
                   & (sel_t < E[:, None]))
@@ -294,12 +309,10 @@ def hip_attention_reference(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, *, 
         i = qbs[:, None] * bq + torch.arange(bq, device=dev)  # [n, bq]
         p = Tk - Tq + i
         ok = static_ok[..., None, :] & (tok[..., None, :] <= p[:, :, None])  # [B, H, n, bq, L]
-        rows = row0[:, :, None, None] + tok.clamp(0, Tk - 1) * Hkv
-        kk = kf[rows].to(sdt)  # [B, H, n, L, D]
-        vv = vf[rows].to(sdt)
-        qq = q[:, i.clamp(max=Tq - 1).reshape(-1)].reshape(B, n, bq, H, D).permute(0, 3, 1, 2, 4)
-        s = torch.matmul(qq.to(sdt), kk.transpose(-1, -2)) * scale  # [B, H, n, bq, L]
-        o = _softmax_av(s, ok, vv, None if q.dtype == sdt else q.dtype)
-        outs.append(o.reshape(B, H, n * bq, D))
-    o = torch.cat(outs, 2)[:, :, :Tq]
+        rows = (row0[:, :, None, None] + tok.clamp(0, Tk - 1) * Hkv).reshape(-1)
+        return (i.clamp(max=Tq - 1).reshape(-1), rows, rows), (ok, scale, sdt, q.dtype)
+
+    # index_select copies whole rows (several times faster than advanced indexing, as is its backward)
+    o = gathered_chunks(_chunk, (q, kf, vf), (1, 0, 0), -(-NQB // chunk), chunk_of, 2)
+    o = o[:, :, :Tq]
     return o.permute(0, 2, 1, 3).contiguous().to(q.dtype)  # contiguous, as the kernel's

@@ -85,9 +85,9 @@ def _chunked(q, k, v, s, scale, S0, chunk_size):
     S = q.new_zeros(B, H, K, V, dtype=acc) if S0 is None else S0.to(acc)
     s = None if s is None else s.to(device=q.device, dtype=acc)[:, None, None]  # [H, 1, 1]
     outs = []
-    for t0 in range(0, T, chunk_size):
-        n = min(chunk_size, T - t0)
-        qc, kc, vc = qh[:, :, t0 : t0 + n], kh[:, :, t0 : t0 + n], vh[:, :, t0 : t0 + n]
+    # split, not slices: a slice's backward zero-fills a full-size gradient per chunk (quadratic in T)
+    for qc, kc, vc in zip(*(x.split(chunk_size, 2) for x in (qh, kh, vh))):
+        n = qc.shape[2]
         i = torch.arange(n, device=q.device, dtype=acc)
         diff = i[:, None] - i[None, :]
         if s is None:

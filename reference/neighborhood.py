@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .common import empty_output, recomputed, rounded
+from .common import empty_output, gathered_chunks, rounded
 
 Tensor = torch.Tensor
 IntOrTensor = Union[int, Tensor]
@@ -262,20 +262,17 @@ def _combine(parts: List[Tensor], sizes: List[int]) -> Tensor:
     return out
 
 
-def _tile_chunk(qh: Tensor, kh: Tensor, vh: Tensor, qi: Tensor, ki: Tensor, bias: Tensor,
-                out_dtype: torch.dtype) -> Tensor:
-    """qh: [B, Hkv, N, G, D] (compute dtype, pre-scaled); kh, vh: [B, Hkv, N, D*] (input dtype);
-    qi [Tc, Q], ki [Tc, K]: flat query / key indices; bias [Tc, Q, 1, K]: 0 or -inf.
-    Returns [B, Hkv, Tc * Q, G, Dv] in out_dtype."""
-    acc = qh.dtype
-    B, Hkv, _, G, D = qh.shape
-    Tc, Q = qi.shape
-    K = ki.shape[1]
-    N = qh.shape[2]
-    # index_select along dim 1 of a 3-D view is a fast row copy (much faster than on a 4-D/5-D view)
-    qg = qh.reshape(B * Hkv, N, G * D).index_select(1, qi.reshape(-1)).reshape(B, Hkv, Tc, Q * G, D)
-    kg = kh.reshape(B * Hkv, N, -1).index_select(1, ki.reshape(-1)).reshape(B, Hkv, Tc, K, -1).to(acc)
-    vg = vh.reshape(B * Hkv, N, -1).index_select(1, ki.reshape(-1)).reshape(B, Hkv, Tc, K, -1).to(acc)
+def _tile_chunk(qg: Tensor, kg: Tensor, vg: Tensor, bias: Tensor, Hkv: int, out_dtype: torch.dtype) -> Tensor:
+    """Attention of a chunk of Tc query tiles from their gathered rows: qg ``[B Hkv, Tc Q, G D]``
+    (compute dtype, pre-scaled), kg / vg ``[B Hkv, Tc K, D*]`` (input dtype); bias
+    ``[Tc, Q, 1, K]``: 0 or -inf. Returns ``[B, Hkv, Tc Q, G, Dv]`` in out_dtype."""
+    acc = qg.dtype
+    Tc, Q, _, K = bias.shape
+    B, D = qg.shape[0] // Hkv, kg.shape[-1]
+    G = qg.shape[-1] // D
+    qg = qg.reshape(B, Hkv, Tc, Q * G, D)
+    kg = kg.reshape(B, Hkv, Tc, K, D).to(acc)
+    vg = vg.reshape(B, Hkv, Tc, K, -1).to(acc)
     s = qg @ kg.transpose(-1, -2)                                            # [B, Hkv, Tc, Q*G, K]
     s.view(B, Hkv, Tc, Q, G, K).add_(bias)
     p = torch.softmax(s, dim=-1)
@@ -341,10 +338,9 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, stride=
     vh = v.reshape(B, N, Hkv, Dv).transpose(1, 2).contiguous()
     per_tile = max(1, B * (K * Hkv * (D + Dv) + 3 * H * Q * K + Q * H * (D + Dv)))
     chunk = max(1, min(T, chunk_elements // per_tile))
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    outs: List[Tensor] = []
-    for t0 in range(0, T, chunk):
-        tid = torch.arange(t0, min(T, t0 + chunk), dtype=torch.int64, device=dev)
+
+    def chunk_of(c: int):
+        tid = torch.arange(c * chunk, min(T, (c + 1) * chunk), dtype=torch.int64, device=dev)
         coords = []
         rem = tid
         for a in reversed(range(nd)):
@@ -352,19 +348,17 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, stride=
             rem = rem // Ts[a]
         coords.reverse()
         qi = _combine([dims[a][0][coords[a]] for a in range(nd)], list(spatial))
-        ki = _combine([dims[a][1][coords[a]] for a in range(nd)], list(spatial))
+        ki = _combine([dims[a][1][coords[a]] for a in range(nd)], list(spatial)).reshape(-1)
         bias = biases[0][coords[0]]
         for a in range(1, nd):
             ba = biases[a][coords[a]]
             bias = (bias[:, :, None, :, None] + ba[:, None, :, None, :]).reshape(
                 bias.shape[0], bias.shape[1] * ba.shape[1], -1)
-        bias = bias[:, :, None, :]                                                   # [Tc, Q, 1, K]
-        if grad and chunk < T:
-            o = recomputed(_tile_chunk, qh, kh, vh, qi, ki, bias, dt)
-        else:
-            o = _tile_chunk(qh, kh, vh, qi, ki, bias, dt)
-        outs.append(o)
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)                      # [B, Hkv, T*Q, G, Dv]
+        return (qi.reshape(-1), ki, ki), (bias[:, :, None, :], Hkv, dt)                 # bias [Tc, Q, 1, K]
+
+    # index_select along dim 1 of a 3-D view is a fast row copy (much faster than on a 4-D/5-D view)
+    xs = (qh.reshape(B * Hkv, N, G * D), kh.reshape(B * Hkv, N, D), vh.reshape(B * Hkv, N, Dv))
+    o = gathered_chunks(_tile_chunk, xs, (1, 1, 1), -(-T // chunk), chunk_of, 2)   # [B, Hkv, T*Q, G, Dv]
     o = o.reshape(B * Hkv, T * Q, G * Dv).index_select(1, inv)                      # [B*Hkv, N, G*Dv]
     return o.reshape(B, Hkv, N, G, Dv).permute(0, 2, 1, 3, 4).contiguous().reshape(B, *spatial, H, Dv)
 

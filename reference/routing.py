@@ -36,7 +36,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .common import recomputed, rounded
+from .common import gathered_chunks, rounded
 
 Tensor = torch.Tensor
 
@@ -251,26 +251,25 @@ def bilevel_routing_attention_naive(q: Tensor, k: Tensor, v: Tensor, num_regions
 # The CPU path: gathered routed regions, chunked over query regions
 # ---------------------------------------------------------------------------------------------
 
-def _chunk(qr: Tensor, kr: Tensor, vr: Tensor, idx: Tensor, kbias: Tensor, scale: float,
+def _chunk(qr: Tensor, kg: Tensor, vg: Tensor, idx: Tensor, kbias: Optional[Tensor], scale: float,
            out_dtype: torch.dtype) -> Tensor:
-    """Attention of a chunk of query regions. qr ``[B, H, Rc, RT, D]`` (input dtype), kr / vr
-    ``[B, H, R, RT, D]``, idx ``[B, HR, Rc, topk]`` int64, kbias ``[R, RT]`` (0 or -inf for padded
-    keys). Returns ``[B, H, Rc, RT, Dv]`` in out_dtype; rounding as a kernel does (fp32 scores and
-    accumulation, P rounded to the input dtype before PV for 16-bit inputs)."""
+    """Attention of a chunk of query regions. qr ``[B, H, Rc, RT, D]`` (input dtype); kg / vg
+    ``[B H Rc topk, RT D*]``: the rows of the routed regions, gathered from ``[B H R, RT D*]``;
+    idx ``[B, HR, Rc, topk]`` int64; kbias ``[R, RT]`` (0 or -inf for padded keys; None when
+    nothing is padded). Returns ``[B, H, Rc, RT, Dv]`` in out_dtype; rounding as a kernel does
+    (fp32 scores and accumulation, P rounded to the input dtype before PV for 16-bit inputs)."""
     acc = _compute_dtype(qr.dtype)
     B, H, Rc, RT, D = qr.shape
     topk = idx.shape[-1]
-    Dv = vr.shape[-1]
-    R = kr.shape[2]
-    # one row gather over [B H R, RT D] (index_select copies whole rows: much faster than gather)
-    bh = torch.arange(B * H, device=idx.device).reshape(B, H, 1, 1) * R
-    ix = (bh + idx.expand(B, H, Rc, topk)).reshape(-1)
-    kg = kr.reshape(B * H * R, RT * D).index_select(0, ix).reshape(B, H, Rc, topk * RT, D).to(acc)
-    vg = vr.reshape(B * H * R, RT * Dv).index_select(0, ix).reshape(B, H, Rc, topk * RT, Dv).to(acc)
-    bias = kbias[idx].reshape(B, idx.shape[1], Rc, 1, topk * RT)        # [B, HR, Rc, 1, topk RT]
-    s = (qr.to(acc) * scale) @ kg.transpose(-1, -2) + bias              # [B, H, Rc, RT, topk RT]
-    seen = torch.isfinite(bias).any(-1, keepdim=True)                   # a query region with no real key
-    p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), dim=-1) * seen
+    kg = kg.reshape(B, H, Rc, topk * RT, D).to(acc)
+    vg = vg.reshape(B, H, Rc, topk * RT, -1).to(acc)
+    s = (qr.to(acc) * scale) @ kg.transpose(-1, -2)                    # [B, H, Rc, RT, topk RT]
+    if kbias is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        bias = kbias[idx].reshape(B, idx.shape[1], Rc, 1, topk * RT)    # [B, HR, Rc, 1, topk RT]
+        seen = torch.isfinite(bias).any(-1, keepdim=True)               # a query region with no real key
+        p = torch.softmax(torch.where(seen, s + bias, torch.zeros_like(s)), dim=-1) * seen
     p = rounded(p, out_dtype)  # P in the input dtype, as the kernel's
     return (p @ vg).to(out_dtype)
 
@@ -314,18 +313,23 @@ def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequ
     spatial = tuple(q.shape[1:-2])
     B, H, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     g, scale, out_idx, idx, qr, kr, vr = _routed_regions(q, k, v, num_regions, topk, scale, routing)
-    _, valid = region_tokens(g, q.device)
     acc = _compute_dtype(q.dtype)
-    kbias = torch.zeros(valid.shape, dtype=acc, device=q.device).masked_fill(~valid, float("-inf"))
+    kbias = None
+    if g.padded:  # (unpadded, every routed region has RT real keys: no bias, no empty rows)
+        _, valid = region_tokens(g, q.device)
+        kbias = torch.zeros(valid.shape, dtype=acc, device=q.device).masked_fill(~valid, float("-inf"))
     per_region = max(1, B * H * topk * g.RT * (3 * g.RT + D + Dv))
     chunk = g.R if chunk_elements is None else max(1, min(g.R, chunk_elements // per_region))
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    outs = []
-    for r0 in range(0, g.R, chunk):
-        sl = slice(r0, min(g.R, r0 + chunk))
-        args = (qr[:, :, sl], kr, vr, idx[:, :, sl], kbias, scale, q.dtype)
-        outs.append(recomputed(_chunk, *args) if grad and chunk < g.R else _chunk(*args))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1) * g.R
+
+    def chunk_of(c: int):
+        sl = slice(c * chunk, min(g.R, (c + 1) * chunk))
+        ic = idx[:, :, sl]
+        ix = (bh + ic.expand(B, H, ic.shape[2], topk)).reshape(-1)  # rows of [B H R, RT D]
+        return (torch.arange(sl.start, sl.stop, device=q.device), ix, ix), (ic, kbias, scale, q.dtype)
+
+    xs = (qr, kr.reshape(B * H * g.R, -1), vr.reshape(B * H * g.R, -1))
+    o = gathered_chunks(_chunk, xs, (2, 0, 0), -(-g.R // chunk), chunk_of, 2)
     return from_regions(o, g).reshape(B, *spatial, H, Dv), out_idx
 
 
