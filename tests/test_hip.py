@@ -160,6 +160,13 @@ def test_padding_only_and_partial_fill():
     _check(B, Tq, Tk, H, 1, 16, 16, 2, 4, 4, 4, torch.float32, blocks=empty_sel)
 
 
+@pytest.mark.parametrize("Tq", [40, 70])
+def test_query_on_the_first_key_of_a_kv_tile(Tq):
+    """Tk = Tq + 1: query 31 sits at position 32, the first key of the KV tile starting there, and
+    sees it on its diagonal; the local dK/dV kernel's query rows must start at that query."""
+    _check(1, Tq, Tq + 1, 1, 1, 16, 16, 2, 2, 4, 4, torch.float32)
+
+
 @pytest.mark.parametrize("Tq,Tk", [(70, 70), (9, 83)])
 def test_full_budget_is_dense_causal(Tq, Tk):
     """Every block of every search range selected: dense causal attention (queries at Tk - Tq + i)."""

@@ -73,6 +73,20 @@ def test_select_many_ties():
     assert torch.equal(got.cpu(), want)
 
 
+def test_select_ignores_tokens_past_the_search_range():
+    """The last key block of a search range can be partial: its representative block holds
+    tokens at or past the search end E (the local window's), which must not score. Tq = 1,
+    Tk = 16, bk = 4, window 9: E = 7, NB = 2 > Kb = 1; block 0 scores 16, token E would score 1600."""
+    q = torch.ones(1, 1, 1, 16, device=DEVICE)
+    k = torch.zeros(1, 16, 1, 16, device=DEVICE)
+    k[0, 0] = 1.0
+    k[0, 7] = 100.0
+    kw = _kw(4, 1, 4, 1, 0, 9)
+    want = ref.select_blocks(q.cpu(), k.cpu(), **kw)
+    assert want.flatten().tolist() == [0]
+    assert torch.equal(_select(q, k, **kw).cpu(), want)
+
+
 def test_select_waves(monkeypatch):
     """Scratch rows shared across several launches (waves of query blocks) give the same rows."""
     from subquad.kernels import hip as hip_kernels

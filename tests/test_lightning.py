@@ -86,6 +86,29 @@ def test_kernel_matches_reference(shape, dtype, decay, state):
     _check(q, k, v, d, s0)
 
 
+def test_split_partials_with_a_batch():
+    """K = 100, V = 72 split the forward and dK/dV over K blocks and dQ over V blocks, whose fp32
+    partials ``[NK | NV, B, T, H, *]`` need the batch in their offsets: B = 2 (with B = 1 an offset
+    that forgets the batch stride is the right one)."""
+    _check(*_inputs(2, 40, 1, 100, 72, torch.float32, True, True))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fp16_state_past_fp16_range(backend):
+    """fp16 inputs whose state sum k v^T passes 65504 (~2.3e5) while o stays in range: the state
+    must enter the products of later chunks in fp32, not rounded to fp16 (inf, then NaN)."""
+    g = torch.Generator().manual_seed(0)
+    T, K = 100, 16  # more than one chunk whatever the chunk size
+    q = (1e-3 * torch.rand(1, T, 1, K, generator=g, dtype=torch.float64)).half().to(DEVICE)
+    k, v = ((60 + torch.rand(1, T, 1, K, generator=g, dtype=torch.float64)).half().to(DEVICE) for _ in range(2))
+    o, f = subquad.lightning_attention(q, k, v, backend=backend, output_final_state=True)
+    o64, f64 = lightning_attention_naive(q, k, v)
+    assert f64.abs().max() > 1e5
+    ol, fl = subquad.lightning_attention(q, k, v, backend="reference", output_final_state=True)
+    assert_close("o", o, o64, ol)
+    assert_close("final_state", f, f64, fl, dtype=torch.float16)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
 def test_kernel_without_final_state(dtype):
     q, k, v, d, s0 = _inputs(2, 70, 2, 16, 16, dtype, True, True)
@@ -168,6 +191,10 @@ def test_empty_sequence():
     for backend in ("triton", "reference"):
         o, f = subquad.lightning_attention(q, k, v, d, initial_state=s0, output_final_state=True, backend=backend)
         assert o.shape == (2, 0, 2, 24) and torch.equal(f, s0)
+        assert f.data_ptr() != s0.data_ptr()  # a new tensor: updating it leaves the caller's state alone
+        s1 = s0.clone().requires_grad_()
+        _, f = subquad.lightning_attention(q, k, v, d, initial_state=s1, output_final_state=True, backend=backend)
+        assert torch.equal(torch.autograd.grad(f.sum(), s1)[0], torch.ones_like(s1))
         o, f = subquad.lightning_attention(q, k, v, backend=backend, output_final_state=True)
         assert f.shape == (2, 2, 16, 24) and not f.any()
 

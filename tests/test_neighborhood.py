@@ -49,6 +49,9 @@ CASES = [
     (1, (11, 13), 2, 1, 16, (3, 4), (1, 2), (2, 1), (False, True)),
     (1, (9, 10), 1, 1, 16, 5, 5, 1, False),
     (1, (5, 6, 7), 2, 1, 16, (2, 3, 3), (1, 2, 3), (2, 1, 2), (True, False, False)),
+    # GQA with several KV heads: h // GROUP and h % H_kv (or hk GROUP + hh and hh H_kv + hk) differ
+    (1, (37,), 4, 2, 16, 5, 1, 1, False),
+    (1, (9, 10), 6, 2, 16, (3, 5), (1, 2), (1, 1), (False, True)),
 ]
 
 
@@ -109,11 +112,28 @@ def test_wide_row_offsets(monkeypatch):
     _check(1, (5, 6, 7), 2, 1, 16, (3, 2, 3), (1, 2, 1), (1, 2, 2), (False, True, False), torch.float32)
 
 
-def test_grid_limit_is_a_clear_error():
-    """Batch x heads beyond the grid's 65535 programs: a ValueError before any launch."""
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_window_wider_than_a_kv_tile(is_causal):
+    """k = 70, stride 1: a query tile's window starts span more than a 32-key KV tile, so some
+    visited tiles lie inside every query's window (the unmasked path) and others only inside the
+    first query's (masked); smaller windows never reach the unmasked path on these CPU tiles."""
+    _check(1, (300,), 1, 1, 16, 70, 1, 1, is_causal, torch.float32)
+
+
+def test_grid_limit_is_a_clear_error(monkeypatch):
+    """Batch x query heads beyond the grid's 65535 programs: a ValueError before any launch, also
+    where batch x KV heads stays below it (the launch is stubbed out: a missing check fails fast)."""
+    from subquad.kernels import block_sparse
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched past the grid limit")
+    monkeypatch.setattr(block_sparse, "block_sparse_attention", no_launch)
     q = torch.empty(65536, 8, 1, 16, device=DEVICE).expand(65536, 8, 1, 16)
     with pytest.raises(ValueError, match="exceeds the Triton kernel's grid limit"):
         subquad.na1d(q, q, q, 3, backend="triton")
+    kv = torch.empty(32768, 8, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="exceeds the Triton kernel's grid limit"):
+        subquad.na1d(kv.expand(32768, 8, 2, 16), kv, kv, 3, backend="triton")
 
 
 # every config of every neighborhood space computes the same function (the tuner may pick any on a GPU)

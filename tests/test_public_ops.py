@@ -59,6 +59,48 @@ def test_outputs_are_contiguous(family, backend):
         assert idx.is_contiguous()
 
 
+def _fwd_bwd(family, do, backend="triton"):
+    leaves = [randn(1, 40, 2, 16, seed=s, requires_grad=True) for s in range(3)]
+    o = FAMILIES[family](*leaves, backend)
+    return (o.detach(), *torch.autograd.grad(o, leaves, do))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_non_contiguous_grad_output(family):
+    """A transposed (or expanded) grad_output gives the gradients of its contiguous copy, bit for
+    bit: the backward kernels index dO as if contiguous."""
+    do = randn(1, 2, 40, 16, seed=3).transpose(1, 2)
+    assert not do.is_contiguous()
+    for a, b in zip(_fwd_bwd(family, do), _fwd_bwd(family, do.contiguous())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tuning_launches_change_nothing(family, monkeypatch):
+    """On a GPU a bucket's first call launches every kernel once per candidate config, and
+    do_bench repeats each launch: a launcher that accumulates into a buffer must start it afresh
+    on every launch (a CPU run never tunes). Simulated: each tuner benches its default, twice over,
+    before the call goes on with it; outputs and gradients stay the same, bit for bit."""
+    from subquad.autotune import spaces
+    from subquad.kernels import hip, lightning, neighborhood, routing
+
+    do = randn(1, 40, 2, 16, seed=3)
+    want = _fwd_bwd(family, do)
+    for module in (hip, lightning, neighborhood, routing):
+        monkeypatch.setattr(module, "bench_launch", lambda launch: (launch(), launch(), 1.0)[-1])
+    benched = set()
+    for tuner in spaces.ALL:
+        def choose(bucket, device, bench, t=tuner):
+            benched.add(t.kernel)
+            bench(t.default(bucket))
+            return t.default(bucket)
+        monkeypatch.setattr(tuner, "choose", choose)
+    for a, b in zip(_fwd_bwd(family, do), want):
+        assert torch.equal(a, b)
+    if family == "hip":  # the selection at T = 40 leaves work for the gathered dK/dV kernel
+        assert {"hip_bwd_dkdv_gather", "hip_bwd_dkdv_local"} <= benched
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_inference_mode(backend):
     """Serving runs under torch.inference_mode, whose tensors have no version counter: the caches

@@ -140,6 +140,20 @@ def test_route_regions(B, spatial, H, D, S, topk, per_head, dtype):
     _assert_same_routing(got.long() if per_head else got[:, 0].long(), want, q, k, S, per_head)
 
 
+def test_route_regions_nan_affinity_ranks_first():
+    """A NaN key makes its region's mean, and every affinity to it, NaN: the reference's stable
+    descending sort ranks NaN first, and so must the Triton selection. (12, 4) in (3, 1) regions:
+    each pooling band holds one region column, so the NaN stays in its own region (region 1)."""
+    from subquad.kernels.routing import route_regions
+
+    g = ref.region_geometry((12, 4), (3, 1))
+    q, k = (randn(1, 48, 1, 16, seed=s) for s in (1, 2))
+    k[0, 20] = float("nan")
+    want = ref.route(q, k, g, 2)
+    assert (want[..., 0] == 1).all()
+    assert torch.equal(route_regions(q, k, g, 2)[:, 0].long().cpu(), want.cpu())
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: DT_ID[d])
 @pytest.mark.parametrize("spatial,HD,S", [
     ((14, 14), (8, 32), (7, 7)),    # BiFormer's stage 3: 4-token regions, 2 x 128 channels
