@@ -342,6 +342,9 @@ def summarize_gpu(rows: List[dict], Ts: List[int]) -> dict:
                            None if tps["fwd"] is None else tps["fwd"] >= 0.9),
         common.target_line("memory linear in T: growth exponent of the fwd+bwd peak between the two largest T "
                            "(1 = linear, 2 = quadratic) <= 1.1", mem, None if mem is None else mem <= 1.1),
+        # (not a target of the issue: a check that the CPU path trains in linear time too)
+        common.target_line("reference fwd+bwd time linear in T: growth exponent between the two largest T "
+                           "<= 1.25", bwd, None if bwd is None else bwd <= 1.25),
     ]
     return {"per_T": per_t, "targets": targets}
 
@@ -455,11 +458,12 @@ def run_gpu(quick: bool, out_dir: str, budget: Optional[float] = None) -> dict:
 # CPU benchmark
 
 
-def cpu_forward_case(impl: str, B: int, T: int, H: int, D: int, threads: Optional[int] = None):
-    """Target of ``common.cpu_case`` (runs in the child process): a forward without autograd."""
+def cpu_forward_case(impl: str, B: int, T: int, H: int, D: int, threads: Optional[int] = None, mode: str = "fwd"):
+    """Target of ``common.cpu_case`` (runs in the child process): a forward without autograd, or
+    (mode "fwdbwd") a forward and backward."""
     if threads:
         torch.set_num_threads(threads)
-    fn, _ = make_case(impl, "fwd", B, T, H, D, torch.float32, "cpu", requires_grad=False)
+    fn, _ = make_case(impl, mode, B, T, H, D, torch.float32, "cpu", requires_grad=mode != "fwd")
     return fn
 
 
@@ -468,11 +472,15 @@ def summarize_cpu(rows: List[dict], Ts: List[int]) -> dict:
     per_t = [{"T": T, "speedup": ratio(by[("sdpa", T)].get("ms"), by[("subquad", T)].get("ms"))} for T in Ts]
     s16 = next((p["speedup"] for p in per_t if p["T"] == 16384), None)
     mem = common.growth_exponent(Ts, [by[("subquad", T)].get("peak_mib") for T in Ts])
+    bwd = common.growth_exponent(Ts, [by[("subquad", T)].get("fwdbwd_ms") for T in Ts])
     targets = [
         common.target_line("reference forward at T=16k >= 5x faster than SDPA causal on CPU (x)", s16,
                            None if s16 is None else s16 >= 5),
         common.target_line("reference memory linear in T: growth exponent of the peak between the two largest T "
                            "(1 = linear, 2 = quadratic) <= 1.1", mem, None if mem is None else mem <= 1.1),
+        # (not a target of the issue: a check that the CPU path trains in linear time too)
+        common.target_line("reference fwd+bwd time linear in T: growth exponent between the two largest T "
+                           "<= 1.25", bwd, None if bwd is None else bwd <= 1.25),
     ]
     return {"per_T": per_t, "targets": targets}
 
@@ -483,16 +491,17 @@ def cpu_markdown(payload: dict) -> str:
     out = [f"## Lightning attention on CPU ({info['cpu']}, {info['cpu_threads']} threads): "
            "reference path vs SDPA causal",
            f"commit {info['commit']}, torch {info['torch']}; fp32, B={cfg['B']}, H={cfg['H']}, D={cfg['D']}, "
-           "decay = lightning_slopes(H); forward without autograd; median ms of "
-           f"{cfg['reps']} calls after a warm-up.", ""]
+           "decay = lightning_slopes(H); forward without autograd, and forward + backward (SDPA's only "
+           f"in the full run); median ms of {cfg['reps']} calls after a warm-up.", ""]
     table = []
     for p in s["per_T"]:
         r, d = by[("subquad", p["T"])], by[("sdpa", p["T"])]
         table.append([p["T"], fmt(r.get("ms")), fmt(d.get("ms")), fmt(p["speedup"], ".2f"),
-                      fmt(r.get("peak_mib"), ".1f"),
+                      fmt(r.get("fwdbwd_ms")), fmt(d.get("fwdbwd_ms")), fmt(r.get("peak_mib"), ".1f"),
                       fmt(d.get("peak_mib"), ".1f"), fmt(r.get("tok_s") and r["tok_s"] / 1e6, ".3f"),
                       " ".join(dict.fromkeys(x["error"] for x in (r, d) if x.get("error")))])
-    out.append(common.markdown_table(["T", "reference ms", "SDPA ms", "reference speed-up", "reference peak MiB",
+    out.append(common.markdown_table(["T", "reference ms", "SDPA ms", "reference speed-up", "reference fwd+bwd ms",
+                                      "SDPA fwd+bwd ms", "reference peak MiB",
                                       "SDPA peak MiB", "reference Mtok/s", "note"], table))
     out += ["", "Targets:", ""] + [f"- {t['text']}" for t in s["targets"]]
     out += ["", f"Memory: {common.CPU_MEMORY_METHOD}."]
@@ -519,8 +528,12 @@ def run_cpu(quick: bool, out_dir: str, budget: Optional[float] = None, threads: 
                 row.update(common.cpu_case(f"bench.{NAME}:cpu_forward_case", case, reps=reps,
                                            timeout=deadline.remaining(900) + 30))
                 row["tok_s"] = B * T / (row["ms"] / 1e3) if row.get("ms") else None
+                if (impl == "subquad" or not quick) and not deadline.expired():  # SDPA's: ~13 s a call at 16k
+                    both = common.cpu_case(f"bench.{NAME}:cpu_forward_case", dict(case, mode="fwdbwd"), reps=reps,
+                                           timeout=deadline.remaining(900) + 30)
+                    row.update(fwdbwd_ms=both.get("ms"), fwdbwd_peak_mib=both.get("peak_mib"))
                 print(f"[bench] cpu {impl:8s} T={T:6d}: {fmt(row.get('ms'))} ms, "
-                      f"peak {fmt(row.get('peak_mib'), '.1f')} MiB",
+                      f"peak {fmt(row.get('peak_mib'), '.1f')} MiB, fwd+bwd {fmt(row.get('fwdbwd_ms'))} ms",
                       flush=True)
             payload["rows"].append(row)
     if threads:

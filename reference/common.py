@@ -71,8 +71,11 @@ class _GatheredChunks(torch.autograd.Function):
         # Under backward(create_graph=True) the gradients must carry history (a double backward):
         # gather from the saved inputs themselves and accumulate out of place; otherwise from
         # detached inputs into one buffer per input, so a chunk costs its own size, not the inputs'.
+        # The buffers are fp32 for 16-bit inputs: a row's gradient is summed over chunks and repeats
+        # once, as a kernel's fp32 accumulator does, then rounded.
         create = torch.is_grad_enabled()
-        grads = [torch.zeros_like(x) if w else None for x, w in zip(xs, wanted)]
+        grads = [None if not w else torch.zeros_like(x) if create else
+                 torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x, w in zip(xs, wanted)]
         for c, g_out in enumerate(grad_out.split(ctx.sizes, ctx.cat_dim)):
             idx, rest = ctx.chunk(c)
             with torch.enable_grad():
@@ -85,8 +88,8 @@ class _GatheredChunks(torch.autograd.Function):
             for j, (d, i) in enumerate(zip(ctx.dims, idx)):
                 if wanted[j]:
                     g = next(got)
-                    grads[j] = grads[j].index_add(d, i, g) if create else grads[j].index_add_(d, i, g)
-        return (None,) * 5 + tuple(grads)
+                    grads[j] = grads[j].index_add(d, i, g) if create else grads[j].index_add_(d, i, g.to(grads[j].dtype))
+        return (None,) * 5 + tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, xs))
 
 
 def gathered_chunks(body: Callable, xs, dims, n_chunks: int, chunk: Callable, cat_dim: int) -> torch.Tensor:

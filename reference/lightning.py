@@ -84,24 +84,28 @@ def _chunked(q, k, v, s, scale, S0, chunk_size):
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
     S = q.new_zeros(B, H, K, V, dtype=acc) if S0 is None else S0.to(acc)
     s = None if s is None else s.to(device=q.device, dtype=acc)[:, None, None]  # [H, 1, 1]
+    masks = {}  # per chunk length (all but the last chunk share one): built once, saved once
+
+    def decays(n):
+        i = torch.arange(n, device=q.device, dtype=acc)
+        diff = i[:, None] - i[None, :]
+        if s is None:
+            return (diff >= 0).to(acc) * scale, scale, None, None
+        dmask = torch.where(diff >= 0, scale * torch.exp(-s * diff.clamp(min=0)),
+                            torch.zeros((), dtype=acc, device=q.device))
+        # [H, n, n]; scale qdec, kdec [H, n, 1]; cdec [H, 1, 1]
+        return dmask, scale * torch.exp(-s * (i + 1)[:, None]), torch.exp(-s * (n - 1 - i)[:, None]), torch.exp(-s * n)
+
     outs = []
     # split, not slices: a slice's backward zero-fills a full-size gradient per chunk (quadratic in T)
     for qc, kc, vc in zip(*(x.split(chunk_size, 2) for x in (qh, kh, vh))):
         n = qc.shape[2]
-        i = torch.arange(n, device=q.device, dtype=acc)
-        diff = i[:, None] - i[None, :]
-        if s is None:
-            dmask = (diff >= 0).to(acc) * scale
-            qdec = kdec = cdec = None
-        else:
-            dmask = torch.where(diff >= 0, scale * torch.exp(-s * diff.clamp(min=0)),
-                                torch.zeros((), dtype=acc, device=q.device))
-            qdec = torch.exp(-s * (i + 1)[:, None])  # [H, n, 1]
-            kdec = torch.exp(-s * (n - 1 - i)[:, None])
-            cdec = torch.exp(-s * n)
+        if n not in masks:
+            masks[n] = decays(n)
+        dmask, qscale, kdec, cdec = masks[n]
         qa, ka, va = qc.to(acc), kc.to(acc), vc.to(acc)  # exact: the products accumulate in acc
         intra = rounded(qa @ ka.transpose(-1, -2) * dmask, dt) @ va
-        inter = qa @ rounded(S, sdt) * (scale if qdec is None else scale * qdec)
+        inter = qa @ rounded(S, sdt) * qscale
         outs.append((intra + inter).to(dt))
         kw = ka if kdec is None else rounded(ka * kdec, dt)
         S = kw.transpose(-1, -2) @ va + (S if cdec is None else S * cdec)
