@@ -227,3 +227,39 @@ def test_cache_key_names_the_kernel_code():
     tag = tuner_mod._device_tag(torch.device("cpu"))
     digest = tag.split("|kernels-")[1]
     assert len(digest) == 10 and int(digest, 16) >= 0 and digest == tuner_mod._code_tag()
+
+
+def test_code_tag_digests_the_kernels_source(tmp_path, monkeypatch):
+    """A cached choice is keyed by a digest of the kernels' source: editing a kernel file changes
+    it (a choice timed on other kernel code is not reused); files other than .py do not."""
+    from subquad.autotune import tuner as tuner_mod
+    (tmp_path / "autotune").mkdir()
+    kd = tmp_path / "kernels"
+    kd.mkdir()
+    (kd / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(tuner_mod, "__file__", str(tmp_path / "autotune" / "tuner.py"))
+    tag = tuner_mod._code_tag.__wrapped__
+    t1 = tag()
+    (kd / "a.py").write_text("x = 2\n")
+    t2 = tag()
+    assert t1 != t2
+    (kd / "notes.txt").write_text("not a kernel")
+    assert tag() == t2
+
+
+def test_forget_choices_looks_again(tmp_path, monkeypatch):
+    """Defaults chosen while tuning was off are dropped by forget_choices: the next choose times."""
+    from subquad.autotune import tuner as tuner_mod
+    from subquad.autotune.tuner import Config, Tuner
+    monkeypatch.setenv("SUBQUAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuner_mod, "_device_tag", lambda device: "G")
+    Tuner.forget_memory()
+    space = [Config({"BV": 32}), Config({"BV": 64})]
+    t = Tuner("t-forget", space)
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: False)
+    assert t.choose(("x",), FakeCuda(), lambda c: 1 / 0) == space[0]
+    monkeypatch.setattr(tuner_mod, "_tuning_enabled", lambda: True)
+    assert t.choose(("x",), FakeCuda(), lambda c: -c.kw["BV"]) == space[0]  # memoised
+    t.forget_choices()
+    assert t.choose(("x",), FakeCuda(), lambda c: -c.kw["BV"]) == space[1]
+    Tuner.forget_memory()

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import subquad
 from subquad.kernels.hip import hip_sparse_attention
 from subquad.reference import hip as ref
 
@@ -297,3 +298,21 @@ def test_kv_cache_layouts_read_in_place(layout, Tq):
     assert torch.equal(dq, dq2) and torch.equal(view(dkc), dk2) and torch.equal(view(dvc), dv2)
     if layout == "cache-slice":
         assert not dkc[:, Tk:].any() and not dvc[:, Tk:].any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_hip_query_that_sees_no_key_gets_zero(backend):
+    """window = 0, sink_tokens = 0 and a selection of nothing (all -1): the first query of each
+    query block sees no key (its local region [p_first + 1, p_i] is empty) and gets o = 0, as
+    documented; not the NaN of a softmax over nothing. Every output and gradient is finite."""
+    from subquad import HipMask
+    kw = dict(topk=4, block_size_q=8, block_size_k=4, query_stride=1, sink_tokens=0, window=0)
+    q, k, v = (randn(1, 20, 2, 16, seed=s, requires_grad=True) for s in (0, 1, 2))
+    blocks = torch.full((1, 2, 3, 1), -1, dtype=torch.int32, device=DEVICE)
+    mask = HipMask(blocks, **kw, B=1, Tq=20, Tk=20, H=2, H_kv=2)
+    o = subquad.hip_attention(q, k, v, mask=mask, backend=backend, **kw)
+    assert torch.isfinite(o).all()
+    assert torch.equal(o[:, 0::8], torch.zeros_like(o[:, 0::8]))  # queries 0, 8, 16
+    assert o[:, 1:8].abs().sum() > 0  # the others see their block's earlier positions
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -10,7 +10,7 @@ import subquad
 from subquad import HipMask, hip_attention, hip_mask
 from subquad.reference import hip as ref
 
-from helpers import DEVICE, replay_in_cuda_graph
+from helpers import DEVICE, randn, replay_in_cuda_graph
 
 KW = dict(topk=6, block_size_q=8, block_size_k=2, query_stride=2, sink_tokens=2, window=5)
 AKW = dict(block_size_q=8, block_size_k=2, sink_tokens=2, window=5)
@@ -279,3 +279,31 @@ def test_reference_half_precision_large_logits():
     o = ref.hip_attention_reference(q, k, v, torch.full((1, 1, 1, 1), -1, dtype=torch.int32),
                                     **dict(kw, window=70000))
     torch.testing.assert_close(o.float(), torch.ones(1, 1, 1, 16), rtol=1e-3, atol=1e-3)
+
+
+def _no_launch(*a, **k):
+    raise RuntimeError("launched: a Triton limit was not checked")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(block_size_q=257, query_stride=2), r"at most 128 strided queries .* = 129"),
+    (dict(topk=4097, block_size_k=2), r"at most 2048 selected blocks .* = 2049"),
+])
+
+
+def test_hip_triton_limits_round_up(kw, match, monkeypatch):
+    """The limits count ceil(block_size_q / query_stride) strided queries and ceil(topk /
+    block_size_k) selected blocks: sizes that do not divide must be refused as well (the test of
+    the suite uses sizes that divide, where floor and ceil agree). Launches are stubbed."""
+    from subquad.kernels import hip as kh
+    monkeypatch.setattr(kh, "hip_select_blocks", _no_launch)
+    q = randn(1, 30, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        subquad.hip_attention(q, q[:, :, :1], q[:, :, :1], backend="triton", **kw)
+
+
+def test_hip_zero_heads_is_refused():
+    q = randn(1, 30, 2, 16)
+    k = q[:, :, :1]
+    with pytest.raises(ValueError, match="positive multiple of k's heads"):
+        subquad.hip_attention(q[:, :, :0], k, k, backend="reference")

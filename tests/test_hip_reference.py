@@ -261,3 +261,15 @@ def test_grown_cache_equals_enlarged_window():
     q = torch.randn(B, 1, H, D, dtype=torch.float64)
     o = ref.hip_attention_reference(q, k, v, blocks, window=10 + d, **kw)
     torch.testing.assert_close(o, ref.hip_attention_naive(q, k, v, blocks, window=10 + d, **kw))
+
+
+def test_canonical_blocks_drops_the_block_at_the_search_end():
+    """Block NB (the first past the search range) selects nothing: the canonical form holds only
+    blocks 0 <= j < NB. Tq = Tk = 40, bq = 8, bk = 4, S = 2, W = 5: query block 4 has E = 28, NB = 7."""
+    from subquad.reference.hip import canonical_blocks, num_key_blocks
+    kw = dict(block_size_q=8, block_size_k=4, sink_tokens=2, window=5)
+    assert num_key_blocks(40, 40, 4, **kw) == 7
+    blocks = torch.full((1, 1, 5, 3), -1, dtype=torch.int32)
+    blocks[0, 0, 4] = torch.tensor([7, 3, 6])
+    out = canonical_blocks(blocks, 40, 40, **kw)
+    assert out[0, 0, 4].tolist() == [3, 6, -1]

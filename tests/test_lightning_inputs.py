@@ -7,7 +7,7 @@ import torch
 
 import subquad
 
-from helpers import DEVICE
+from helpers import DEVICE, randn
 
 
 def _qkv(B=1, T=8, H=2, K=16, V=16, dtype=torch.float32):
@@ -158,3 +158,27 @@ def test_slopes():
         subquad.lightning_slopes(2.5)
     with pytest.raises(ValueError, match="num_heads must be >= 1"):
         subquad.lightning_slopes(-1)
+
+
+def test_lightning_zero_value_dim_is_refused():
+    """V = 0 (and K = 0) is the documented ValueError, not an empty output or a ZeroDivisionError."""
+    q = randn(1, 8, 2, 16)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="head dims must be positive"):
+            subquad.lightning_attention(q, q, q[..., :0], backend=backend)
+        with pytest.raises(ValueError, match="head dims must be positive"):
+            subquad.lightning_attention(q[..., :0], q[..., :0], q, backend=backend)
+
+
+def test_lightning_infinite_decay_is_refused():
+    """An infinite rate is refused like a NaN one (exp(-inf * 0) is NaN on the diagonal)."""
+    q = randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="decay rates must be finite"):
+        subquad.lightning_attention(q, q, q, decay=torch.tensor([0.1, float("inf")], device=DEVICE),
+                                    backend="reference")
+
+
+def test_lightning_negative_infinite_scale_is_refused():
+    q = randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        subquad.lightning_attention(q, q, q, scale=float("-inf"), backend="reference")

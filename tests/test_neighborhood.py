@@ -217,3 +217,15 @@ def test_query_tiles_of_a_kv_tile(n, k, s, causal, TQ, TK):
             assert (full_lo <= t <= full_hi) == want, (a, b, t, full_lo, full_hi)
             fulls += want
     assert fulls > 0  # the cases are not all partial tiles
+
+
+def test_neighborhood_dilation_product_limit(monkeypatch):
+    """3-D dilations whose product passes 65535 (grid axis 1): the documented ValueError, checked
+    before any launch (stubbed here; expanded inputs, no memory)."""
+    from subquad.kernels import block_sparse
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched: a Triton limit was not checked")
+    monkeypatch.setattr(block_sparse, "block_sparse_attention", no_launch)
+    q = torch.empty(1, 1, 1, 1, 1, 16, device=DEVICE).expand(1, 82, 82, 82, 1, 16)
+    with pytest.raises(ValueError, match="product of dilations"):
+        subquad.na3d(q, q, q, 2, dilation=41, backend="triton")

@@ -505,3 +505,31 @@ def test_bad_input(name, fn, exc, msg):
     with pytest.raises(exc) as info:
         fn()
     assert msg in str(info.value), str(info.value)
+
+
+def test_query_tile_shape_halves_the_first_of_equal_dims():
+    """The documented example: 2-D k = 7 gives (4, 8) (the first of equal dims is halved)."""
+    from subquad.reference.neighborhood import query_tile_shape
+    assert query_tile_shape((64, 64), 7) == (4, 8)
+    assert query_tile_shape((64, 64, 64), 3) == (2, 4, 4)
+
+
+def test_neighborhood_reference_chunks_bound_the_score_elements(monkeypatch):
+    """chunk_elements bounds a chunk's score/gathered elements over the whole batch: with B = 4
+    no chunk may hold more than chunk_elements of them (the per-tile estimate must count B)."""
+    from subquad.reference import neighborhood as rn
+    seen = []
+    body = rn._tile_chunk
+
+    def spy(qg, kg, vg, bias, Hkv, out_dtype):
+        Tc, Q, _, K = bias.shape
+        scores = qg.shape[0] * (qg.shape[-1] // kg.shape[-1]) * Tc * Q * K  # B H Tc Q K
+        seen.append(kg.numel() + vg.numel() + 3 * scores + 2 * qg.numel())  # gathered rows, s / p, q / o
+        return body(qg, kg, vg, bias, Hkv, out_dtype)
+
+    monkeypatch.setattr(rn, "_tile_chunk", spy)
+    q, k, v = (randn(4, 256, 2, 16, seed=s) for s in (0, 1, 2))
+    budget = 100_000
+    o = rn.neighborhood_attention(q, k, v, 5, chunk_elements=budget)
+    assert len(seen) > 1 and max(seen) <= budget, seen
+    torch.testing.assert_close(o, rn.neighborhood_attention(q, k, v, 5))

@@ -282,3 +282,19 @@ def test_fp16_gradient_headroom(family, backend):
         assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite"
         err, mag = (a - b).abs().max().item(), b.abs().max().item()
         assert err <= 1e-2 * mag, f"{name}: max error {err:.3e} vs max {mag:.3e}"
+
+
+@pytest.mark.parametrize("family", ["hip", "neighborhood", "routing"])
+def test_gradient_when_only_v_requires_grad(family):
+    """Frozen q and k (only v trainable): the op must still build its autograd node, and dV must be
+    the dV of the call where every input requires grad."""
+    from helpers import FAMILIES
+    q, k, v = (randn(1, 18, 2, 16, seed=s) for s in (0, 1, 2))
+    do = randn(1, 18, 2, 16, seed=3)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    (dv_all,) = torch.autograd.grad(FAMILIES[family](*leaves, "triton"), leaves[2:], do)
+    v1 = v.clone().requires_grad_()
+    o = FAMILIES[family](q, k, v1, "triton")
+    assert o.requires_grad
+    (dv,) = torch.autograd.grad(o, v1, do)
+    torch.testing.assert_close(dv, dv_all, rtol=0, atol=0)

@@ -453,3 +453,9 @@ def test_cuda_graph_fwd_bwd():
     eager, replayed = replay_in_cuda_graph(step)
     for name, a, b in zip(("o", "dq", "dk", "dv"), eager, replayed):
         assert torch.equal(a, b), name
+
+
+def test_module_refuses_a_wrong_channel_count():
+    m = subquad.nn.BiLevelRoutingAttention(32, num_heads=2, num_regions=2, topk=1, backend="reference")
+    with pytest.raises(ValueError, match=r"x must be \[B, Hi, Wi, C=32\]"):
+        m(torch.randn(1, 8, 8, 16))

@@ -12,7 +12,7 @@ import torch
 import subquad
 from subquad.reference import routing as ref
 
-from helpers import DEVICE
+from helpers import DEVICE, randn
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -211,3 +211,28 @@ def test_bad_input_triton_limits():
     q = torch.empty(65536, 4, 1, 16, device=DEVICE).expand(65536, 4, 1, 16)
     with pytest.raises(ValueError, match="exceeds the Triton kernel's grid limit"):
         subquad.bilevel_routing_attention(q, q, q, num_regions=2, topk=1, backend="triton")
+
+
+def test_route_ties_go_to_the_lower_index_with_many_regions():
+    """Every key region has the same mean, so every affinity of a row ties: the documented order
+    is the lower index first. With more than 16 regions torch's unstable sort reorders ties."""
+    from subquad.reference import routing as ref
+    g = ref.region_geometry((96,), (32,))
+    q = randn(1, 96, 2, 16, seed=1)
+    k = torch.ones(1, 96, 2, 16, device=DEVICE)
+    want = torch.arange(5, device=DEVICE).expand(1, 32, 5)
+    assert torch.equal(ref.route(q, k, g, 5), want)
+    assert torch.equal(ref.route(q, k, g, 5, per_head=True), want[:, None].expand(1, 2, 32, 5))
+    _, idx = subquad.bilevel_routing_attention(q, k, k, num_regions=32, topk=5, backend="reference",
+                                               return_routing=True)
+    assert torch.equal(idx, want)
+
+
+@pytest.mark.parametrize("spatial,S", [((13,), (4,)), ((7, 10), (2, 4))])
+def test_gather_attention_masks_padded_keys(spatial, S):
+    """The benchmark's baseline (BiFormer's gather) must compute the same attention as the
+    reference on sizes that do not divide: padded keys masked (no empty region in these)."""
+    from subquad.reference import routing as ref
+    q, k, v = (randn(2, *spatial, 2, 16, seed=s) for s in (1, 2, 3))
+    want, _ = ref.bilevel_routing_attention(q, k, v, S, 2)
+    torch.testing.assert_close(ref.gather_attention(q, k, v, S, 2), want, atol=1e-5, rtol=1e-5)
