@@ -51,16 +51,21 @@ def _gather(xs, dims, idx):
     return [x.index_select(d, i) for x, d, i in zip(xs, dims, idx)]
 
 
+def _run_chunks(body, xs, dims, n_chunks, chunk):
+    outs = []
+    for c in range(n_chunks):
+        idx, rest = chunk(c)
+        outs.append(body(*_gather(xs, dims, idx), *rest))
+    return outs
+
+
 class _GatheredChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, body, chunk, n_chunks, dims, cat_dim, *xs):
-        ctx.body, ctx.chunk, ctx.n_chunks, ctx.dims, ctx.cat_dim = body, chunk, n_chunks, dims, cat_dim
+        ctx.body, ctx.chunk, ctx.dims, ctx.cat_dim = body, chunk, dims, cat_dim
         ctx.save_for_backward(*xs)
-        outs = []
         with torch.no_grad():
-            for c in range(n_chunks):
-                idx, rest = chunk(c)
-                outs.append(body(*_gather(xs, dims, idx), *rest))
+            outs = _run_chunks(body, xs, dims, n_chunks, chunk)
         ctx.sizes = [o.shape[cat_dim] for o in outs]
         return torch.cat(outs, cat_dim)
 
@@ -107,8 +112,5 @@ def gathered_chunks(body: Callable, xs, dims, n_chunks: int, chunk: Callable, ca
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
     if grad and n_chunks > 1:
         return _GatheredChunks.apply(body, chunk, n_chunks, tuple(dims), cat_dim, *xs)
-    outs = []
-    for c in range(n_chunks):
-        idx, rest = chunk(c)
-        outs.append(body(*_gather(xs, dims, idx), *rest))
+    outs = _run_chunks(body, xs, dims, n_chunks, chunk)
     return outs[0] if len(outs) == 1 else torch.cat(outs, cat_dim)

@@ -274,6 +274,23 @@ def _chunk(qr: Tensor, kg: Tensor, vg: Tensor, idx: Tensor, kbias: Optional[Tens
     return (p @ vg).to(out_dtype)
 
 
+def _key_bias(g, dtype: torch.dtype, device) -> Optional[Tensor]:
+    """``[R, RT]``: 0 for a region's real keys, -inf for its padding; None when nothing is padded
+    (every region then has RT real keys: no bias, no empty rows)."""
+    if not g.padded:
+        return None
+    _, valid = region_tokens(g, device)
+    return torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))
+
+
+def _routed_rows(idx: Tensor, H: int, R: int) -> Tensor:
+    """Rows of region-major ``[B H R, RT D]`` K/V that the routing ``idx [B, HR, Rq, topk]``
+    selects, flat in ``[B, H, Rq, topk]`` order (index_select copies whole rows)."""
+    B, _, Rq, topk = idx.shape
+    bh = torch.arange(B * H, device=idx.device).reshape(B, H, 1, 1) * R
+    return (bh + idx.expand(B, H, Rq, topk)).reshape(-1)
+
+
 def _as_routing(idx: Tensor) -> Tensor:
     """Routing indices as int64 ``[B, HR, R, topk]``."""
     idx = idx.to(torch.int64)
@@ -314,18 +331,14 @@ def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequ
     B, H, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     g, scale, out_idx, idx, qr, kr, vr = _routed_regions(q, k, v, num_regions, topk, scale, routing)
     acc = _compute_dtype(q.dtype)
-    kbias = None
-    if g.padded:  # (unpadded, every routed region has RT real keys: no bias, no empty rows)
-        _, valid = region_tokens(g, q.device)
-        kbias = torch.zeros(valid.shape, dtype=acc, device=q.device).masked_fill(~valid, float("-inf"))
+    kbias = _key_bias(g, acc, q.device)
     per_region = max(1, B * H * topk * g.RT * (3 * g.RT + D + Dv))
     chunk = g.R if chunk_elements is None else max(1, min(g.R, chunk_elements // per_region))
-    bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1) * g.R
 
     def chunk_of(c: int):
         sl = slice(c * chunk, min(g.R, (c + 1) * chunk))
         ic = idx[:, :, sl]
-        ix = (bh + ic.expand(B, H, ic.shape[2], topk)).reshape(-1)  # rows of [B H R, RT D]
+        ix = _routed_rows(ic, H, g.R)
         return (torch.arange(sl.start, sl.stop, device=q.device), ix, ix), (ic, kbias, scale, q.dtype)
 
     xs = (qr, kr.reshape(B * H * g.R, -1), vr.reshape(B * H * g.R, -1))
@@ -344,14 +357,12 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, num_regions: Sequence[int]
     spatial = tuple(q.shape[1:-2])
     B, H, D, Dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     g, scale, _, idx, qr, kr, vr = _routed_regions(q, k, v, num_regions, topk, scale, routing)  # [B, H, R, RT, D]
-    bh = torch.arange(B * H, device=q.device).reshape(B, H, 1, 1) * g.R
-    ix = (bh + idx.expand(B, H, g.R, topk)).reshape(-1)
+    ix = _routed_rows(idx, H, g.R)
     kg = kr.reshape(B * H * g.R, g.RT * D).index_select(0, ix).reshape(B, H, g.R, topk * g.RT, D)
     vg = vr.reshape(B * H * g.R, g.RT * Dv).index_select(0, ix).reshape(B, H, g.R, topk * g.RT, Dv)
     s = (qr * scale) @ kg.transpose(-1, -2)                                     # [B, H, R, RT, topk RT]
-    if g.padded:
-        _, valid = region_tokens(g, q.device)
-        kbias = torch.zeros(valid.shape, dtype=s.dtype, device=q.device).masked_fill(~valid, float("-inf"))
+    kbias = _key_bias(g, s.dtype, q.device)
+    if kbias is not None:
         s = s + kbias[idx].reshape(B, idx.shape[1], g.R, 1, topk * g.RT)
     p = torch.softmax(s.float(), dim=-1).to(q.dtype)
     o = p @ vg
